@@ -1,0 +1,1 @@
+"""The Ray labeling job: captions + regions -> label shards + manifest (``sga label``)."""

@@ -1,0 +1,35 @@
+"""Helpers every package's ``cli.py`` uses to declare its ``sga`` subcommands.
+
+A package's ``cli.py`` exposes ``register(subparsers)`` and imports nothing heavy at module level, so
+``sga --help`` stays fast. A handler takes the parsed ``argparse.Namespace`` and returns a JSON-serialisable
+summary dict, which the root prints (one JSON object on stdout with ``--json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from typing import Any
+
+Handler = Callable[[argparse.Namespace], dict[str, Any]]
+
+
+def add_command(subparsers, name: str, handler: Handler, help: str, description: str,
+                epilog: str | None = None) -> argparse.ArgumentParser:
+    """Add subcommand ``name`` with the shared ``--json`` flag; returns its parser for more arguments."""
+    parser = subparsers.add_parser(
+        name, help=help, description=description, epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--json", action="store_true",
+                        help="print one machine-readable JSON summary object on stdout at the end")
+    parser.set_defaults(handler=handler)
+    return parser
+
+
+def add_group(subparsers, name: str, help: str, description: str):
+    """A subcommand with subcommands of its own (``sga regions import``); returns its subparsers."""
+    parser = subparsers.add_parser(name, help=help, description=description,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.set_defaults(handler=None, group_parser=parser)
+    return parser.add_subparsers(dest=f"{name}_command", metavar="COMMAND")

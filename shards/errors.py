@@ -1,0 +1,22 @@
+"""Exceptions shared by every sga package."""
+
+
+class SgaError(Exception):
+    """A failure the user can fix: the message names the file and the fix.
+
+    The CLI prints it without a traceback and exits with status 2.
+    """
+
+
+class ShardReadError(SgaError):
+    """A shard could not be read completely (truncated, corrupt or unreadable).
+
+    ``samples_read`` counts the complete samples yielded before the failure, so callers can
+    record the remainder as errors instead of losing it silently.
+    """
+
+    def __init__(self, uri: str, reason: str, samples_read: int = 0):
+        super().__init__(f"{uri}: {reason}")
+        self.uri = uri
+        self.reason = reason
+        self.samples_read = samples_read

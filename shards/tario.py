@@ -1,0 +1,160 @@
+"""Webdataset tar shards: an atomic, deterministic writer and a tolerant streaming reader.
+
+A sample is a run of adjacent tar members sharing a key: member ``KEY.EXT`` (the key is the base name up to
+its first dot, as webdataset splits it). Members are returned as raw bytes; nothing here decodes or
+unpickles anything, so a tar holding ``.pyd``/``.pkl`` members is harmless to read.
+
+Provenance (label set, schema version) travels in the tar's PAX global header, which webdataset and every
+tar tool ignore, so shards stay plain webdataset shards.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import tarfile
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+
+from . import fs
+from .errors import SgaError, ShardReadError
+
+KEY_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
+# A fixed mtime keeps shards byte-identical across runs with the same inputs.
+_MTIME = 0
+
+
+@dataclass
+class TarSample:
+    """One sample of a shard: ``members`` maps extension (``"jpg"``, ``"boxes.npy"``) to raw bytes.
+
+    ``problems`` lists what was wrong with the sample's members (e.g. a repeated extension), for the reader's
+    caller to turn into an error row.
+    """
+
+    key: str
+    members: dict[str, bytes]
+    problems: list[str] = field(default_factory=list)
+
+
+def split_member_name(name: str) -> tuple[str, str]:
+    """``"dir/000001.boxes.npy"`` -> ``("000001", "boxes.npy")``; a name without a dot has no extension."""
+    base = name.rsplit("/", 1)[-1]
+    key, _, ext = base.partition(".")
+    return key, ext
+
+
+def check_key(key: str) -> str:
+    if not KEY_RE.match(key):
+        raise SgaError(f"invalid sample key {key!r}: use letters, digits, '_' and '-' (no dots or slashes)")
+    return key
+
+
+class TarShardWriter:
+    """Write one shard atomically; use as a context manager.
+
+    >>> with TarShardWriter("out/00000.tar", pax_headers={"sga.schema": "1"}) as w:
+    ...     w.write("000000000", {"txt": b"a caption"})
+
+    The shard appears under its final name only when the ``with`` block exits without an exception.
+    """
+
+    def __init__(self, uri: str, pax_headers: Mapping[str, str] | None = None):
+        self.uri = uri
+        self.pax_headers = dict(pax_headers or {})
+        self.count = 0
+        self._ctx = None
+        self._tar: tarfile.TarFile | None = None
+
+    def __enter__(self) -> TarShardWriter:
+        self._ctx = fs.atomic_output(self.uri)
+        stream = self._ctx.__enter__()
+        self._tar = tarfile.open(fileobj=stream, mode="w|", format=tarfile.PAX_FORMAT,
+                                 pax_headers=self.pax_headers)
+        return self
+
+    def write(self, key: str, members: Mapping[str, bytes]) -> None:
+        """Append one sample; members are written in sorted extension order for reproducibility."""
+        assert self._tar is not None, "use TarShardWriter as a context manager"
+        check_key(key)
+        for ext in sorted(members):
+            data = members[ext]
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size = len(data)
+            info.mtime = _MTIME
+            info.mode = 0o444
+            self._tar.addfile(info, io.BytesIO(data))
+        self.count += 1
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        assert self._tar is not None and self._ctx is not None
+        try:
+            if exc_type is None:
+                self._tar.close()
+            else:
+                # Abandon the archive without writing its end blocks (tarfile's stream would otherwise
+                # flush them on garbage collection into a closed file); atomic_output deletes the temp file.
+                self._tar.fileobj.closed = True  # type: ignore[union-attr]
+        finally:
+            self._ctx.__exit__(exc_type, exc, tb)
+        return False
+
+
+class TarShardReader:
+    """Stream the samples of one shard without decoding them.
+
+    Iterating yields :class:`TarSample` objects in tar order. A truncated or corrupt tar raises
+    :class:`ShardReadError` after every complete sample before the damage was yielded (the sample being read
+    when the damage was hit is not yielded: it may be incomplete). ``pax_headers`` holds the shard's global
+    header once iteration has started.
+    """
+
+    def __init__(self, uri: str):
+        self.uri = uri
+        self.pax_headers: dict[str, str] = {}
+
+    def __iter__(self) -> Iterator[TarSample]:
+        count = 0
+        try:
+            with fs.open_input(self.uri) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+                current: TarSample | None = None
+                for info in tar:
+                    self.pax_headers = dict(tar.pax_headers)
+                    if not info.isfile():
+                        continue
+                    key, ext = split_member_name(info.name)
+                    fobj = tar.extractfile(info)
+                    data = fobj.read() if fobj is not None else b""
+                    if len(data) != info.size:
+                        raise tarfile.ReadError(f"member {info.name} is truncated")
+                    if current is None or key != current.key:
+                        if current is not None:
+                            count += 1
+                            yield current
+                        current = TarSample(key, {})
+                    if ext in current.members:
+                        current.problems.append(f"repeated member {key}.{ext}")
+                        continue
+                    current.members[ext] = data
+                if current is not None:
+                    count += 1
+                    yield current
+        except FileNotFoundError as exc:
+            raise ShardReadError(self.uri, "file not found", count) from exc
+        except (tarfile.TarError, EOFError, OSError, UnicodeDecodeError) as exc:
+            raise ShardReadError(self.uri, f"unreadable tar after {count} samples: {exc}", count) from exc
+
+
+def iter_tar(uri: str) -> Iterator[TarSample]:
+    """Shorthand for iterating a :class:`TarShardReader`."""
+    return iter(TarShardReader(uri))
+
+
+def read_pax_headers(uri: str) -> dict[str, str]:
+    """The PAX global header of a shard (empty for shards written without one)."""
+    try:
+        with fs.open_input(uri) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+            tar.next()
+            return dict(tar.pax_headers)
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        raise ShardReadError(uri, f"unreadable tar header: {exc}") from exc
