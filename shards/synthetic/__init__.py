@@ -1,0 +1,1 @@
+"""The synthetic captioned world: the embedded default corpus (``sga world``)."""
