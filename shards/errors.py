@@ -20,3 +20,13 @@ class ShardReadError(SgaError):
         self.uri = uri
         self.reason = reason
         self.samples_read = samples_read
+
+
+class SampleError(SgaError):
+    """One sample was rejected; it becomes an error row (key, stage, reason) in the manifest."""
+
+    def __init__(self, key: str, stage: str, reason: str):
+        super().__init__(f"{key}: {stage}: {reason}")
+        self.key = key
+        self.stage = stage
+        self.reason = reason
