@@ -189,7 +189,7 @@ def test_truncated_tar_yields_rows_then_raises_with_count(tmp_path):
     _img2dataset_shard(root, "00000", rows, images)
     tar_path = os.path.join(root, "00000.tar")
     with tarfile.open(tar_path) as tar:
-        cut = tar.getmember("000000003.jpg").offset_data + 10   # inside the image of row 3
+        cut = tar.getmember("000000003.json").offset_data + 10   # inside the last member of row 3
     with open(tar_path, "r+b") as f:
         f.truncate(cut)
     got = []
