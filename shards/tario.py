@@ -116,22 +116,25 @@ class TarShardReader:
     def __iter__(self) -> Iterator[TarSample]:
         count = 0
         try:
-            with fs.open_input(self.uri) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+            with fs.open_input(self.uri) as stream, \
+                    tarfile.open(fileobj=stream, mode="r|*", tarinfo=_StrictTarInfo) as tar:
                 current: TarSample | None = None
                 for info in tar:
                     self.pax_headers = dict(tar.pax_headers)
                     if not info.isfile():
                         continue
                     key, ext = split_member_name(info.name)
-                    fobj = tar.extractfile(info)
-                    data = fobj.read() if fobj is not None else b""
-                    if len(data) != info.size:
-                        raise tarfile.ReadError(f"member {info.name} is truncated")
                     if current is None or key != current.key:
+                        # A new key proves the previous sample complete: yield it before touching this
+                        # member's data, so damage here cannot cost the sample before it.
                         if current is not None:
                             count += 1
                             yield current
                         current = TarSample(key, {})
+                    fobj = tar.extractfile(info)
+                    data = fobj.read() if fobj is not None else b""
+                    if len(data) != info.size:
+                        raise tarfile.ReadError(f"member {info.name} is truncated")
                     if ext in current.members:
                         current.problems.append(f"repeated member {key}.{ext}")
                         continue
@@ -143,6 +146,23 @@ class TarShardReader:
             raise ShardReadError(self.uri, "file not found", count) from exc
         except (tarfile.TarError, EOFError, OSError, UnicodeDecodeError) as exc:
             raise ShardReadError(self.uri, f"unreadable tar after {count} samples: {exc}", count) from exc
+
+
+class _StrictTarInfo(tarfile.TarInfo):
+    """Treat a damaged or missing member header as an error, not as the end of the archive.
+
+    tarfile's reader silently stops at a truncated or garbled header after the first member, which would
+    make a damaged shard look complete. Only the zero blocks a writer puts at the end mean "end".
+    """
+
+    @classmethod
+    def fromtarfile(cls, tarfile_):
+        try:
+            return super().fromtarfile(tarfile_)
+        except tarfile.EOFHeaderError:
+            raise
+        except tarfile.HeaderError as exc:
+            raise tarfile.ReadError(f"damaged or missing header at byte {tarfile_.offset}: {exc}") from exc
 
 
 def iter_tar(uri: str) -> Iterator[TarSample]:
