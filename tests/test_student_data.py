@@ -1,0 +1,212 @@
+"""student.data: shard pairing, key join, skipping, thresholds, no pickle, equal batch counts, exact resume.
+
+Every test streams real tar shards written by the shard writers (tests/student_fixtures.py).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from student_fixtures import make_info, make_shards
+
+from shards.errors import SgaError
+from shards.labels import alignment_matrix, iter_label_shard, read_labelset_info
+from shards.manifest import read_manifest
+from shards.regions import iter_region_shard
+from shards.tario import TarShardWriter, iter_tar
+from student.data import (
+    DataConfig,
+    StudentLoader,
+    decoded_samples,
+    plan_shards,
+)
+
+torch.set_num_threads(1)
+
+
+def keys_collate(samples, generator):
+    """Stands in for the Collator: keeps the keys and one draw of the batch's generator."""
+    return {"keys": [s["key"] for s in samples], "draw": float(torch.rand(1, generator=generator))}
+
+
+def epoch(loader: StudentLoader, number: int) -> list[tuple[tuple[str, ...], float]]:
+    loader.set_epoch(number)
+    return [(tuple(b["keys"]), b["draw"]) for b, _ in loader]
+
+
+def config(root, **kw) -> DataConfig:
+    paths = {"regions": os.path.join(root, "regions"), "labels": os.path.join(root, "labels")}
+    return DataConfig(**{**paths, "batch_size": 3, "shuffle_buffer": 8, **kw})
+
+
+def test_plan_pairs_finished_shards_by_name(tmp_path):
+    regions, labels = make_shards(str(tmp_path), [4, 3, 5], errors_every=3)
+    os.remove(os.path.join(labels, "00001_stats.json"))       # labelling still running on 00001
+    os.remove(os.path.join(regions, "00002.tar"))             # regions missing for 00002
+    plan = plan_shards(config(tmp_path))
+    assert plan.labelset == labels
+    assert plan.shards == ["00000"]
+    assert plan.left_out == {"unfinished_labels": ["00001"], "no_regions": ["00002"]}
+    ok = read_manifest(labels).to_pylist()
+    assert plan.num_samples == sum(r["status"] == "ok" and r["shard"] == "00000" for r in ok) == 3
+    assert plan.thresholds is None
+
+
+def test_plan_names_the_fix_when_nothing_is_usable(tmp_path):
+    make_shards(str(tmp_path / "a"), [2])
+    with pytest.raises(SgaError, match="no label set here"):
+        plan_shards(config(tmp_path / "a", labels=str(tmp_path / "a" / "regions")))
+    make_shards(str(tmp_path / "a"), [2], info=make_info(score_threshold=0.7))   # a second label set
+    with pytest.raises(SgaError, match="holds 2 label sets"):
+        plan_shards(config(tmp_path / "a"))
+    make_shards(str(tmp_path / "b"), [2])
+    for name in os.listdir(tmp_path / "b" / "regions"):
+        if name.endswith(".tar"):
+            os.rename(tmp_path / "b" / "regions" / name, tmp_path / "b" / "regions" / ("9" + name))
+    with pytest.raises(SgaError, match="no labelled samples"):
+        plan_shards(config(tmp_path / "b"))
+
+
+def test_decoded_samples_join_by_key_and_skip_rejected(tmp_path):
+    regions, labels = make_shards(str(tmp_path), [7, 6], errors_every=3, unlabelled_every=4)
+    plan = plan_shards(config(tmp_path))
+    got = list(decoded_samples(plan, plan.shards))
+    manifest = read_manifest(labels).to_pylist()
+    assert [s["key"] for s in got] == [r["key"] for r in manifest if r["status"] == "ok"]
+    region_by_key = {r.key: r for s in plan.shards for r in iter_region_shard(regions, s)}
+    label_by_key = {r.key: r for s in plan.shards for r in iter_label_shard(labels, s)}
+    assert len(region_by_key) == 13 and len(label_by_key) == len(got) < 13
+    for sample in got:
+        region, label = region_by_key[sample["key"]], label_by_key[sample["key"]]
+        np.testing.assert_array_equal(sample["features"], region.features)
+        np.testing.assert_array_equal(sample["boxes"], region.boxes)
+        np.testing.assert_array_equal(sample["align"], label.align)
+        assert sample["caption"] == label.caption
+        assert sample["phrase_spans"] == [(p.start, p.end) for p in label.phrases]
+        assert sample["features"].dtype == np.float16 and sample["align"].dtype == bool
+
+
+def test_thresholds_for_M_can_be_overridden_at_load_time(tmp_path):
+    _regions, labels = make_shards(str(tmp_path), [12])
+    info = read_labelset_info(labels)
+    stored = list(decoded_samples(plan_shards(config(tmp_path)), ["00000"]))
+    plan = plan_shards(config(tmp_path, iou_threshold=0.8, score_threshold=0.7))
+    assert plan.thresholds == (0.7, 0.8)
+    strict = list(decoded_samples(plan, ["00000"]))
+    phrases = {r.key: r.phrases for r in iter_label_shard(labels, "00000")}
+    for s in strict:
+        np.testing.assert_array_equal(s["align"], alignment_matrix(phrases[s["key"]], s["boxes"], 0.7, 0.8))
+    assert sum(s["align"].sum() for s in strict) < sum(s["align"].sum() for s in stored)
+    with pytest.raises(SgaError, match="below the score floor"):
+        plan_shards(config(tmp_path, score_threshold=info.score_floor / 2))
+
+
+def test_damaged_shards_are_skipped_with_a_warning_and_counted(tmp_path, caplog):
+    regions, labels = make_shards(str(tmp_path), [6, 6, 6])
+    tar = os.path.join(regions, "00001.tar")
+    with open(tar, "rb") as f:
+        data = f.read()
+    with open(tar, "wb") as f:
+        f.write(data[: len(data) // 2])                                   # truncated mid-sample
+    with open(os.path.join(labels, "00002.tar"), "wb") as f:
+        f.write(b"\x00garbage" * 100)                                    # not a tar at all
+    caplog.set_level(logging.WARNING, logger="student.data")
+    loader = StudentLoader(plan_shards(config(tmp_path)), config(tmp_path), keys_collate, 0, 1, accum=1)
+    batches = [(b, s) for b, s in loader]
+    assert len(batches) == loader.steps_per_epoch
+    stats = batches[-1][1]
+    assert stats["damaged_region_shards"] >= 1 and stats["damaged_label_shards"] >= 1
+    keys = {k for b, _ in batches for k in b["keys"]}
+    assert not any(k.startswith("00002") for k in keys)                # no labels survived there
+    assert "damaged region shard" in caplog.text and "damaged label shard" in caplog.text
+
+
+class Trap:
+    """Unpickling this creates a directory: proof that something unpickled."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return os.mkdir, (self.path,)
+
+
+def test_pickle_payloads_are_never_unpickled(tmp_path):
+    regions, _labels = make_shards(str(tmp_path), [4])
+    trap_npy, trap_pyd = str(tmp_path / "npy-was-unpickled"), str(tmp_path / "pyd-was-unpickled")
+    samples = list(iter_tar(os.path.join(regions, "00000.tar")))
+    buf = io.BytesIO()
+    np.save(buf, np.array([Trap(trap_npy)], dtype=object), allow_pickle=True)
+    samples[1].members["features.npy"] = buf.getvalue()
+    samples[2].members["pyd"] = pickle.dumps(Trap(trap_pyd))
+    with TarShardWriter(os.path.join(regions, "00000.tar")) as w:
+        for s in samples:
+            w.write(s.key, s.members)
+    cfg = config(tmp_path, batch_size=1)
+    loader = StudentLoader(plan_shards(cfg), cfg, keys_collate, 0, 1, accum=1)
+    stats = [s for _, s in loader][-1]
+    assert stats["bad_regions"] >= 1                                   # the object array was refused
+    assert not os.path.exists(trap_npy) and not os.path.exists(trap_pyd)
+    assert os.environ["WDS_SECURE"] == "1"
+
+
+@pytest.mark.parametrize(("mode", "workers"), [("resampled", 0), ("resampled", 2), ("split", 1)])
+def test_every_rank_gets_the_same_number_of_batches(tmp_path, mode, workers):
+    make_shards(str(tmp_path), [9, 2, 5])                              # odd count, uneven sizes
+    cfg = config(tmp_path, mode=mode, workers=workers)
+    plan = plan_shards(cfg)
+    seen = []
+    for rank in (0, 1):
+        loader = StudentLoader(plan, cfg, keys_collate, rank, world=2, accum=2)
+        batches = epoch(loader, 0)
+        assert len(batches) == loader.steps_per_epoch * 2 > 0
+        assert all(len(keys) == cfg.batch_size for keys, _ in batches)
+        seen.append({k[:5] for keys, _ in batches for k in keys})
+    if mode == "split":
+        assert seen[0].isdisjoint(seen[1])                             # each rank reads its own shards
+
+
+def test_split_mode_needs_a_shard_per_rank_and_worker(tmp_path):
+    make_shards(str(tmp_path), [3, 3, 3])
+    cfg = config(tmp_path, mode="split")
+    loader = StudentLoader(plan_shards(cfg), cfg, keys_collate, 0, world=4, accum=1)
+    with pytest.raises(SgaError, match=r"at least ranks x workers = 4 x 1 = 4 shards"):
+        epoch(loader, 0)
+
+
+def test_stream_is_a_function_of_seed_and_epoch(tmp_path):
+    make_shards(str(tmp_path), [5, 5, 5])
+    cfg = config(tmp_path)
+    plan = plan_shards(cfg)
+    first = StudentLoader(plan, cfg, keys_collate, 0, 1, accum=1)
+    again = StudentLoader(plan, cfg, keys_collate, 0, 1, accum=1)
+    assert epoch(first, 0) == epoch(again, 0)
+    assert epoch(first, 1) != epoch(again, 0)
+    other = config(tmp_path, seed=1)
+    assert epoch(StudentLoader(plan, other, keys_collate, 0, 1, accum=1), 0) != epoch(again, 0)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_resumed_loader_continues_the_exact_stream(tmp_path, workers):
+    make_shards(str(tmp_path), [7, 4, 6])
+    cfg = config(tmp_path, workers=workers, samples_per_epoch=40)
+    plan = plan_shards(cfg)
+    accum = 3  # odd: a resumed epoch restarts the DataLoader's round robin at an odd micro-batch
+    full = StudentLoader(plan, cfg, keys_collate, 1, world=2, accum=accum)
+    epochs = [epoch(full, 0), epoch(full, 1)]                          # persistent workers follow set_epoch
+    spe = full.steps_per_epoch
+    assert epochs[0] != epochs[1] and len(epochs[0]) == spe * accum
+    for start in (1, spe + spe // 2 + 1):
+        resumed = StudentLoader(plan, cfg, keys_collate, 1, world=2, accum=accum, start_step=start)
+        e, done = divmod(start, spe)
+        assert resumed.start.epoch == e
+        tail = epoch(resumed, e)
+        assert tail == epochs[e][done * accum:]
+        if e == 0:
+            assert epoch(resumed, 1) == epochs[1]
