@@ -101,22 +101,26 @@ def _matches(obj: SceneObject, used: dict[str, str]) -> bool:
 
 
 def describe(obj: SceneObject, scene: Scene, rng: np.random.Generator, article: bool = True,
-             generic_prob: float = 0.1) -> str:
+             generic_prob: float = 0.1, exclude: tuple[str, ...] = ()) -> str | None:
     """A noun phrase naming ``obj`` and no other object of ``scene``, e.g. ``"the small striped red square"``.
 
     Attributes are drawn at random, then added (colour, texture, size, shape) until the description is
     unique; a generic noun ("shape", "object") stands in for the shape noun when colour and the rest suffice.
+    Attributes in ``exclude`` are never named; ``None`` when the others cannot single ``obj`` out.
     """
     used: dict[str, str] = {}
-    if rng.random() >= generic_prob:
+    if "shape" not in exclude and rng.random() >= generic_prob:
         used["shape"] = obj.shape
     for attr, prob in (("colour", 0.75), ("texture", 0.25), ("size", 0.25)):
-        if rng.random() < prob:
+        if attr not in exclude and rng.random() < prob:
             used[attr] = getattr(obj, attr)
     for attr in ("colour", "texture", "size", "shape"):
         if sum(_matches(o, used) for o in scene.objects) == 1:
             break
-        used[attr] = getattr(obj, attr)
+        if attr not in exclude:
+            used[attr] = getattr(obj, attr)
+    if sum(_matches(o, used) for o in scene.objects) != 1:
+        return None
     words = []
     if "size" in used:
         words.append(_pick(rng, SIZE_WORDS[obj.size]))
@@ -166,7 +170,7 @@ def _group(scene: Scene, rng: np.random.Generator) -> tuple[str, tuple[int, ...]
 
 
 def _mention(b: _Builder, obj: SceneObject, scene: Scene, rng: np.random.Generator) -> None:
-    b.phrase(describe(obj, scene, rng), "object", (obj.oid,))
+    b.phrase(str(describe(obj, scene, rng)), "object", (obj.oid,))
 
 
 def _relation_words(b: _Builder, rel: str) -> None:

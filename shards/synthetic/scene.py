@@ -77,6 +77,7 @@ class SceneConfig:
     min_objects: int = 1
     max_objects: int = 5
     max_overlap: float = 0.08   # intersection / smaller box area allowed between two objects
+    share_prob: float = 0.3     # a new object copies the shape or colour of one already placed
     place_tries: int = 40
 
 
@@ -108,6 +109,11 @@ def sample_scene(rng: np.random.Generator, config: SceneConfig) -> Scene:
     for _ in range(wanted):
         attrs = (_pick(rng, SHAPES), _pick(rng, tuple(COLOURS)), _pick(rng, tuple(SIZES)),
                  _pick(rng, TEXTURES))
+        if scene.objects and rng.random() < config.share_prob:
+            # Objects alike in shape or colour make descriptions, questions and grounding non-trivial.
+            other = scene.objects[int(rng.integers(len(scene.objects)))]
+            attrs = (other.shape, attrs[1], *attrs[2:]) if rng.random() < 0.5 else (attrs[0], other.colour,
+                                                                                  *attrs[2:])
         if attrs in taken:
             continue
         lo, hi = SIZES[attrs[2]]

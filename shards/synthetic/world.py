@@ -33,6 +33,7 @@ from .captions import make_caption
 from .detector import CLASS_NAMES, DetectorConfig, detect
 from .render import encode_jpeg, render_scene
 from .scene import COLOURS, SHAPES, SIZES, TEXTURES, Scene, SceneConfig, sample_scene
+from .tasks import write_tasks
 
 WORLD_SCHEMA_VERSION = 1
 CORPUS_STREAM, TASK_STREAM = 0, 1      # generator streams: the corpus and the held-out task images
@@ -76,8 +77,8 @@ class WorldConfig:
     task_splits: dict[str, float] = field(default_factory=lambda: {"train": 0.7, "val": 0.15, "test": 0.15})
     jpeg_quality: int = 90
     scene: SceneConfig = field(default_factory=SceneConfig)
-    # Task images have at least two objects, so every expression or question has a distractor.
-    task_scene: SceneConfig = field(default_factory=lambda: SceneConfig(min_objects=2))
+    # Task images have at least two objects, often alike, so expressions and questions need grounding.
+    task_scene: SceneConfig = field(default_factory=lambda: SceneConfig(min_objects=2, share_prob=0.6))
     captions: CaptionConfig = field(default_factory=CaptionConfig)
     detector: DetectorConfig = field(default_factory=DetectorConfig)
 
@@ -217,7 +218,7 @@ def build_world(config: WorldConfig, out_uri: str, show_progress: bool = True) -
     for root in (out_uri, task_root):
         write_regions_info(fs.join(root, "regions"), det.feature_dim, len(CLASS_NAMES), list(CLASS_NAMES),
                            {"detector": "sga-synthetic", **dataclasses.asdict(det)})
-    task_counts: dict[str, Any] = {}
+    task_counts = write_tasks(config, task_root, task_samples) if task_samples else {}
     ok = [s for s in samples if s.status == "success"]
     counts = {
         "samples": len(samples), "images": len(ok), "failed": len(samples) - len(ok),
