@@ -120,6 +120,7 @@ def save_checkpoint(out: str, step: int, model: torch.nn.Module, optimizer: torc
     root = fs.join(out, CKPT_DIR)
     name = checkpoint_name(step)
     path = fs.join(root, name)
+    fs.remove(path)  # leftovers of a save of this step that was killed before its state.json
     save_weights(fs.join(path, MODEL_FILE), model, {"step": str(step)})
     opt_tensors, opt_meta = _optimizer_parts(optimizer)
     fs.write_bytes(fs.join(path, OPTIM_FILE), st_save(opt_tensors))
