@@ -271,4 +271,8 @@ def test_cli_json_prints_one_summary(tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out)
     assert summary["samples"] == 12 and summary["shards"] == 3 and summary["task_images"] == 6
     assert read_regions_info(fs.join(out, "regions"))["feature_dim"] == 16
-    assert sga_main(["world", "--out", out, "--samples", "0"]) == 2
+    assert sga_main(["world", "--out", str(tmp_path / "bad"), "--samples", "0"]) == 2
+    # A second world never mixes into the first: refused, or replaced with --overwrite.
+    assert sga_main(["world", "--out", out, "--samples", "3", "--task-samples", "0"]) == 2
+    assert sga_main(["world", "--out", out, "--samples", "3", "--task-samples", "0", "--overwrite"]) == 0
+    assert list_shards(fs.join(out, "images")) == ["00000"] and not fs.exists(fs.join(out, "tasks"))

@@ -170,7 +170,9 @@ def _group(scene: Scene, rng: np.random.Generator) -> tuple[str, tuple[int, ...]
 
 
 def _mention(b: _Builder, obj: SceneObject, scene: Scene, rng: np.random.Generator) -> None:
-    b.phrase(str(describe(obj, scene, rng)), "object", (obj.oid,))
+    text = describe(obj, scene, rng)
+    assert text is not None, "scenes never hold two objects with the same four attributes"
+    b.phrase(text, "object", (obj.oid,))
 
 
 def _relation_words(b: _Builder, rel: str) -> None:

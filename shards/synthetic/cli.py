@@ -27,6 +27,7 @@ def register(subparsers) -> None:
     parser.add_argument("--samples-per-shard", type=int, default=250, help="rows per shard (default 250)")
     parser.add_argument("--task-samples", type=int, default=500,
                         help="held-out images for the downstream tasks (default 500; 0: no tasks)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a world already in --out")
     parser.add_argument("--feature-dim", type=int, default=64, help="region feature width D (default 64)")
 
 
@@ -37,4 +38,4 @@ def _run(args) -> dict:
     config = WorldConfig(samples=args.samples, seed=args.seed, samples_per_shard=args.samples_per_shard,
                          task_samples=args.task_samples,
                          detector=DetectorConfig(feature_dim=args.feature_dim))
-    return build_world(config, args.out, show_progress=not args.json)
+    return build_world(config, args.out, show_progress=not args.json, overwrite=args.overwrite)

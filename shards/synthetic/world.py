@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +30,7 @@ from ..errors import SgaError
 from ..images import ImageShardWriter
 from ..progress import progress
 from ..regions import RegionShardWriter, write_regions_info
-from .captions import make_caption
+from .captions import Caption, make_caption
 from .detector import CLASS_NAMES, DetectorConfig, detect
 from .render import encode_jpeg, render_scene
 from .scene import COLOURS, SHAPES, SIZES, TEXTURES, Scene, SceneConfig, sample_scene
@@ -97,7 +98,7 @@ class WorldSample:
 
     key: str
     scene: Scene
-    caption: Any                 # captions.Caption
+    caption: Caption
     status: str                  # "success" or "failed_to_download"
     error_message: str | None
 
@@ -198,36 +199,63 @@ def _versions() -> dict[str, str]:
             "pillow": PIL.__version__, "pyarrow": pa.__version__}
 
 
-def build_world(config: WorldConfig, out_uri: str, show_progress: bool = True) -> dict[str, Any]:
-    """Write a whole world under ``out_uri``; returns a summary (counts, paths, seconds)."""
+def _check_out(out_uri: str, overwrite: bool) -> None:
+    """Refuse to mix a new world into a non-empty directory (stale shards would join it)."""
+    if not fs.list_dir(out_uri) and not fs.list_subdirs(out_uri):
+        return
+    if not fs.exists(fs.join(out_uri, "world.json")):
+        raise SgaError(f"{out_uri} is not empty and holds no world.json (an interrupted build?); "
+                       "delete it or choose another --out")
+    if not overwrite:
+        raise SgaError(f"{out_uri} already holds a world; pass --overwrite to replace it, "
+                       "or choose another --out")
+    fs.remove(out_uri)
+
+
+def _tally(counts: Counter, samples: list[WorldSample]) -> None:
+    for s in samples:
+        ok = s.status == "success"
+        counts["samples"] += 1
+        counts["images"] += ok
+        counts["failed"] += not ok
+        counts[f"style_{s.caption.style if ok else 'failed'}"] += 1
+        if ok:
+            counts["objects"] += len(s.scene.objects)
+            counts["phrases"] += len(s.caption.phrases)
+            counts["visible_phrases"] += sum(p.visible for p in s.caption.phrases)
+
+
+def build_world(config: WorldConfig, out_uri: str, show_progress: bool = True,
+                overwrite: bool = False) -> dict[str, Any]:
+    """Write a whole world under ``out_uri``; returns a summary (counts, paths, seconds).
+
+    ``out_uri`` must be empty or missing, or hold an earlier world and ``overwrite`` be set.
+    """
     config.validate()
+    _check_out(out_uri, overwrite)
     start = time.time()
     corpus = _shard_counts(config.samples, config.samples_per_shard)
     held_out = _shard_counts(config.task_samples, config.samples_per_shard)
     bar = progress(total=config.samples + config.task_samples, desc="sga world", unit="img",
                    **({} if show_progress else {"disable": True}))
-    samples: list[WorldSample] = []
+    tally: Counter = Counter()
     for shard, count in enumerate(corpus):
-        samples += build_shard(config, out_uri, CORPUS_STREAM, shard, count, bar.update)
+        _tally(tally, build_shard(config, out_uri, CORPUS_STREAM, shard, count, bar.update))
     task_root = fs.join(out_uri, "tasks")
     task_samples: list[WorldSample] = []
     for offset, count in enumerate(held_out):
         task_samples += build_shard(config, task_root, TASK_STREAM, len(corpus) + offset, count, bar.update)
     bar.close()
     det = config.detector
-    for root in (out_uri, task_root):
+    for root in (out_uri, task_root) if task_samples else (out_uri,):
         write_regions_info(fs.join(root, "regions"), det.feature_dim, len(CLASS_NAMES), list(CLASS_NAMES),
                            {"detector": "sga-synthetic", **dataclasses.asdict(det)})
     task_counts = write_tasks(config, task_root, task_samples) if task_samples else {}
-    ok = [s for s in samples if s.status == "success"]
-    counts = {
-        "samples": len(samples), "images": len(ok), "failed": len(samples) - len(ok),
-        "shards": len(corpus), "task_images": len(task_samples), "task_shards": len(held_out),
-        "phrases": sum(len(s.caption.phrases) for s in ok),
-        "visible_phrases": sum(p.visible for s in ok for p in s.caption.phrases),
-        "captions_by_style": _count_styles(samples), "objects": sum(len(s.scene.objects) for s in ok),
-        "tasks": task_counts,
-    }
+    counts = {k: tally[k] for k in ("samples", "images", "failed", "objects", "phrases", "visible_phrases")}
+    counts.update(shards=len(corpus), task_images=len(task_samples), task_shards=len(held_out),
+                  captions_by_style={k[len("style_"):]: v for k, v in sorted(tally.items())
+                                     if k.startswith("style_")},
+                  tasks=task_counts)
     fs.write_json(fs.join(out_uri, "world.json"), {
         "config": dataclasses.asdict(config), "seed": config.seed, "counts": counts,
         "class_names": list(CLASS_NAMES), "shapes": list(SHAPES), "colours": list(COLOURS),
@@ -235,10 +263,3 @@ def build_world(config: WorldConfig, out_uri: str, show_progress: bool = True) -
         "layout": {"images": "images", "regions": "regions", "gt": "gt", "tasks": "tasks"}})
     return {"out": out_uri, "seed": config.seed, **counts, "seconds": round(time.time() - start, 2)}
 
-
-def _count_styles(samples: list[WorldSample]) -> dict[str, int]:
-    styles: dict[str, int] = {}
-    for s in samples:
-        style = "failed" if s.status != "success" else s.caption.style
-        styles[style] = styles.get(style, 0) + 1
-    return dict(sorted(styles.items()))
