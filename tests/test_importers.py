@@ -4,8 +4,6 @@ import base64
 import json
 import os
 import random
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -207,24 +205,26 @@ def test_npz_import(tmp_path):
     assert read_regions_info(str(tmp_path / "regions"))["num_classes"] == 5
 
 
-def test_cli_prints_one_json_summary_and_fails_cleanly(tmp_path):
+def test_cli_prints_one_json_summary_and_fails_cleanly(tmp_path, capsys, monkeypatch):
+    # In-process `sga` (pipeline.cli.main): the same parser, handler and printing as the console script.
+    from pipeline.cli import main
+
+    monkeypatch.setenv("SGA_PROGRESS", "0")
     _images(str(tmp_path / "images"), shards=1, per_shard=2)
     (tmp_path / "f.tsv").write_text(_butd_line("000000001", *_regions(0)))
-    sga = [sys.executable, "-c", "import sys; from pipeline.cli import main; sys.exit(main())"]
     args = ["regions", "import", "--format", "butd-tsv", "--src", str(tmp_path / "f.tsv"),
             "--images", str(tmp_path / "images"), "--out", str(tmp_path / "regions"), "--json"]
-    env = {**os.environ, "SGA_PROGRESS": "0"}
-    done = subprocess.run(sga + args, capture_output=True, text=True, env=env, timeout=120)
-    assert done.returncode == 0, done.stderr
-    summary = json.loads(done.stdout)
+    assert main(args) == 0
+    summary = json.loads(capsys.readouterr().out)
     assert (summary["written"], summary["missing"], summary["missing_examples"]) == (1, 1, ["000000000"])
     (tmp_path / "none.tsv").write_text(_butd_line("nobody", *_regions(0)))
     args[args.index("--src") + 1] = str(tmp_path / "none.tsv")
-    done = subprocess.run(sga + args, capture_output=True, text=True, env=env, timeout=120)
-    assert done.returncode == 2 and done.stdout == ""
-    assert "no region entry" in done.stderr and "Traceback" not in done.stderr
-    helped = subprocess.run([*sga, "regions", "import", "--help"], capture_output=True, text=True, timeout=60)
-    assert "butd-tsv" in helped.stdout and "NNNNN_missing.json" in helped.stdout
+    assert main(args) == 2
+    out = capsys.readouterr()
+    assert out.out == "" and "no region entry" in out.err
+    with pytest.raises(SystemExit):
+        main(["regions", "import", "--help"])
+    assert "butd-tsv" in capsys.readouterr().out
 
 
 def test_missing_inputs_name_the_problem(tmp_path):
