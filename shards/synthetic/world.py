@@ -171,6 +171,8 @@ def build_shard(config: WorldConfig, root_uri: str, stream: int, shard: int, cou
             meta = {"url": f"https://synthetic.invalid/{sample.key}.jpg", "width": scene.width,
                     "height": scene.height, "original_width": scene.width, "original_height": scene.height}
             if sample.status != "success":
+                # Like img2dataset: a row that never downloaded has no sizes.
+                meta.update(width=None, height=None, original_width=None, original_height=None)
                 images.write(sample.key, sample.caption.text, None, meta, sample.status, sample.error_message)
             else:
                 jpg = encode_jpeg(render_scene(scene, rng), config.jpeg_quality)
