@@ -64,6 +64,9 @@ def test_tiny_forward_contract(tiny):
         assert {k: v.shape for k, v in aux.items()} == {k: out[k].shape for k in aux}
         assert not torch.equal(aux["pred_boxes"], out["pred_boxes"])
     assert "aux_outputs" not in build_mdetr("tiny").eval()(images, image_mask, ids, attn)
+    long_ids, long_attn = _caption_batch([cfg.num_classes + 1], cfg.num_classes + 1)
+    with pytest.raises(ValueError, match="text positions"):
+        tiny(images[:1], image_mask[:1], long_ids, long_attn)
 
 
 def test_padding_does_not_change_outputs(tiny):

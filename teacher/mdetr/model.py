@@ -36,7 +36,8 @@ class MDETR(nn.Module):
 
     Inputs: ``images [B, 3, H, W]`` (ImageNet-normalised, zero-padded bottom/right to a common size),
     ``image_mask [B, H, W]`` bool (True = padding), ``input_ids [B, T]`` long, ``attention_mask [B, T]``
-    (1 = token, 0 = padding). Tokenisation happens outside the model.
+    (1 = token, 0 = padding), with ``T <= config.num_classes`` so every token has a head column.
+    Tokenisation happens outside the model.
 
     Output dict:
     - ``pred_logits [B, Q, P]``: soft-token logits, ``P = config.num_classes + 1``; column ``t < T`` refers to
@@ -63,6 +64,9 @@ class MDETR(nn.Module):
 
     def forward(self, images: torch.Tensor, image_mask: torch.Tensor, input_ids: torch.Tensor,
                 attention_mask: torch.Tensor) -> dict[str, Any]:
+        if input_ids.shape[1] > self.config.num_classes:
+            raise ValueError(f"captions of {input_ids.shape[1]} tokens exceed the head's "
+                             f"{self.config.num_classes} text positions; shorten them before batching")
         features, mask, pos = self.backbone(images, image_mask)
         hs, text_memory = self.transformer(self.input_proj(features), mask, pos, self.query_embed.weight,
                                            input_ids, attention_mask)
