@@ -82,19 +82,36 @@ def word_coverage(tokenizer: Any, captions: Iterable[str]) -> dict[str, float | 
             "vocab_size": len(tokenizer)}
 
 
-def world_captions(world_dir: str) -> list[str]:
-    """Every caption of a synthetic world (pre-training images and the held-out task images)."""
+def world_texts(world_dir: str) -> list[str]:
+    """Every text of a synthetic world the student will read: captions (pre-training and task images),
+    referring expressions, VQA questions and answers, VCR questions, answers and rationales."""
     from shards import fs
     from shards.images import iter_image_shard, list_shards
 
-    captions = []
+    texts = []
     for sub in ("images", "tasks/images"):
         root = fs.join(world_dir, sub)
-        if not fs.exists(root):
-            continue
-        for shard in list_shards(root):
-            captions += [s.caption for s in iter_image_shard(root, shard) if s.caption]
-    return captions
+        if fs.exists(root):
+            for shard in list_shards(root):
+                texts += [s.caption for s in iter_image_shard(root, shard) if s.caption]
+    tasks = fs.join(world_dir, "tasks")
+    for split in ("train", "val", "test"):
+        refexp = fs.join(tasks, "refexp", f"{split}.json")
+        if fs.exists(refexp):
+            texts += [entry["expression"] for entry in fs.read_json(refexp)]
+        questions = fs.join(tasks, "vqa", f"v2_OpenEnded_synthetic_{split}_questions.json")
+        if fs.exists(questions):
+            texts += [q["question"] for q in fs.read_json(questions)["questions"]]
+        answers = fs.join(tasks, "vqa", f"v2_synthetic_{split}_annotations.json")
+        if fs.exists(answers):
+            texts += [a["answer"] for ann in fs.read_json(answers)["annotations"] for a in ann["answers"]]
+        vcr = fs.join(tasks, "vcr", f"{split}.jsonl")
+        if fs.exists(vcr):
+            for line in fs.read_bytes(vcr).decode().splitlines():
+                item = json.loads(line)
+                texts.append(" ".join(item["question"]))
+                texts += [" ".join(c) for c in item["answer_choices"] + item["rationale_choices"]]
+    return texts
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -103,12 +120,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=str(DEFAULT_TOKENIZER_DIR))
     parser.add_argument("--vocab-size", type=int, default=1000)
     args = parser.parse_args(argv)
-    captions = world_captions(args.world)
-    if not captions:
+    texts = world_texts(args.world)
+    if not texts:
         raise SgaError(f"no captions under {args.world}/images; build a world with `sga world --out DIR`")
-    out = train_wordpiece(captions, args.out, args.vocab_size)
-    print(json.dumps({"out": str(out), "captions": len(captions),
-                      **word_coverage(load_tokenizer(out), captions)}))
+    out = train_wordpiece(texts, args.out, args.vocab_size)
+    print(json.dumps({"out": str(out), "texts": len(texts), **word_coverage(load_tokenizer(out), texts)}))
 
 
 if __name__ == "__main__":
