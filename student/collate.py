@@ -49,6 +49,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from shards.errors import SgaError
+
 from .config import StudentConfig
 from .sampling import sample_pairs
 from .spatial import IMAGE_BOX, normalize_boxes
@@ -61,7 +63,7 @@ class Collator:
 
     def __init__(self, tokenizer: Any, config: StudentConfig):
         if len(tokenizer) > config.vocab_size:
-            raise ValueError(f"tokenizer has {len(tokenizer)} tokens but config.vocab_size is "
+            raise SgaError(f"tokenizer has {len(tokenizer)} tokens but config.vocab_size is "
                              f"{config.vocab_size}; set vocab_size = len(tokenizer)")
         self.tokenizer = tokenizer
         self.config = config
@@ -143,8 +145,8 @@ class Collator:
                 continue
             f = torch.from_numpy(np.asarray(s["features"][:r], dtype=np.float32))
             if f.shape[1] != cfg.feature_dim:
-                raise ValueError(f"sample {s['key']}: features have dim {f.shape[1]}, config.feature_dim "
-                                 f"is {cfg.feature_dim}")
+                raise SgaError(f"sample {s['key']}: features have dim {f.shape[1]} but the student's "
+                               f"feature_dim is {cfg.feature_dim}; build its config from this region set")
             px = torch.from_numpy(np.asarray(s["boxes"][:r], dtype=np.float32))
             boxes[b, 1:r + 1] = normalize_boxes(px, s["image_w"], s["image_h"])
             region_mask[b, 1:r + 1] = True

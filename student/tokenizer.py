@@ -65,8 +65,9 @@ def load_tokenizer(path: str | Path | None = None) -> Any:
     try:
         return BertTokenizerFast.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError) as exc:
-        raise SgaError(f"cannot load a WordPiece tokenizer from {path}: {exc}. Pass a directory written by "
-                       "student.tokenizer.train_wordpiece or a local BERT checkpoint with vocab files.") from exc
+        raise SgaError(f"cannot load a WordPiece tokenizer from {path}: {exc}. Pass a directory written "
+                       "by student.tokenizer.train_wordpiece or a local BERT checkpoint with vocab files."
+                       ) from exc
 
 
 def word_coverage(tokenizer: Any, captions: Iterable[str]) -> dict[str, float | int]:
