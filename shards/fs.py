@@ -38,14 +38,17 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
 
 
 def join(uri: str, *parts: str) -> str:
-    """Join path parts onto a path or URI without losing its scheme."""
+    """Join path parts onto a path or URI, keeping its scheme and query (``s3://b/p?region=x``)."""
     if _has_scheme(uri):
-        return posixpath.join(uri, *parts)
+        base, sep, query = uri.partition("?")
+        return posixpath.join(base, *parts) + sep + query
     return os.path.join(uri, *parts)
 
 
 def basename(uri: str) -> str:
-    return posixpath.basename(uri.rstrip("/")) if _has_scheme(uri) else os.path.basename(uri.rstrip(os.sep))
+    if _has_scheme(uri):
+        return posixpath.basename(uri.partition("?")[0].rstrip("/"))
+    return os.path.basename(uri.rstrip(os.sep))
 
 
 def exists(uri: str) -> bool:

@@ -250,3 +250,11 @@ def test_box_conversions_and_validity():
     boxes = np.array([[0, 0, 10, 10], [5, 5, 5, 9], [0, 0, np.nan, 1], [-3, 0, 5, 5], [0, 0, 200.5, 100]],
                      np.float32)
     assert B.valid_boxes(boxes, 200, 100).tolist() == [True, False, False, False, True]
+
+
+def test_join_and_basename_keep_uri_query():
+    uri = "s3://bucket/labels?endpoint_override=127.0.0.1:9000&scheme=http"
+    joined = fs.join(uri, "abc", "00000.tar")
+    assert joined == "s3://bucket/labels/abc/00000.tar?endpoint_override=127.0.0.1:9000&scheme=http"
+    assert fs.basename(joined) == "00000.tar"
+    assert fs.join("/tmp/x", "a") == "/tmp/x/a" and fs.basename("/tmp/x/a/") == "a"

@@ -1,8 +1,10 @@
 """MDETR re-implementation vs the official checkpoints' layout, and the checkpoint loaders.
 
-The reference lists (``teacher/mdetr/reference_layouts/*_state_dict.json``, copied from the project's research
-notes) were produced by instantiating the official hub entry points with random weights; each one must match
-``build_mdetr(entry).state_dict()`` key for key, shape for shape, in order.
+The reference lists (``shared/reference/*_state_dict.json`` beside the repository, or the folder named by
+``SGA_MDETR_REFERENCE``) were produced by instantiating the official hub entry points with random weights;
+each
+one must match ``build_mdetr(entry).state_dict()`` key for key, shape for shape, in order. They are research
+material kept outside the package, so the suite reads them where they live.
 """
 
 from __future__ import annotations
@@ -10,12 +12,12 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import pathlib
 
 import pytest
 import torch
 
-import teacher.mdetr
 from shards.errors import SgaError
 from teacher.mdetr import build_mdetr
 from teacher.mdetr.checkpoint import (
@@ -28,13 +30,15 @@ from teacher.mdetr.checkpoint import (
 
 torch.set_num_threads(1)
 
-REFERENCE = pathlib.Path(teacher.mdetr.__file__).parent / "reference_layouts"
+REFERENCE = pathlib.Path(os.environ.get(
+    "SGA_MDETR_REFERENCE", pathlib.Path(__file__).resolve().parents[2] / "shared" / "reference"))
 REFERENCE_FILES = sorted(REFERENCE.glob("mdetr_*_state_dict.json"))
 STALE_KEY = "transformer.text_encoder.embeddings.position_ids"
 
 
 def test_reference_files_present():
     # Guards the parametrisation below against silently running zero cases.
+    assert REFERENCE.is_dir(), f"MDETR reference layouts not found at {REFERENCE}; set SGA_MDETR_REFERENCE"
     assert {p.name for p in REFERENCE_FILES} >= {
         "mdetr_resnet101_state_dict.json", "mdetr_resnet101_refcocoplus_state_dict.json",
         "mdetr_efficientnetB3_state_dict.json", "mdetr_efficientnetB5_state_dict.json"}
