@@ -2,9 +2,8 @@
 
 The reference lists (``shared/reference/*_state_dict.json`` beside the repository, or the folder named by
 ``SGA_MDETR_REFERENCE``) were produced by instantiating the official hub entry points with random weights;
-each
-one must match ``build_mdetr(entry).state_dict()`` key for key, shape for shape, in order. They are research
-material kept outside the package, so the suite reads them where they live.
+each one must match ``build_mdetr(entry).state_dict()`` key for key, shape for shape, in order. They
+are research material kept outside the package, so the suite reads them where they live.
 """
 
 from __future__ import annotations
