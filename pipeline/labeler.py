@@ -1,0 +1,264 @@
+"""The unit of work: label one input shard, streaming batches to a teacher, and commit its three files.
+
+``label_shard`` reads the image and region shards in lockstep (``pipeline.reader``), validates and decodes
+each sample (``pipeline.validate``), takes noun phrases from the per-shard cache or spaCy
+(``pipeline.phrases``), sends batches to a teacher through a :class:`TeacherClient`, matches the teacher's
+boxes to the regions (``pipeline.matching``) and writes, in this order and each atomically:
+
+1. ``LABELSET/NNNNN.tar``   the labels of every accepted sample, in input order;
+2. ``LABELSET/NNNNN.parquet`` the manifest, one row per input sample (``ok`` or ``error`` + stage + reason);
+3. ``LABELSET/NNNNN_stats.json`` the completion marker with the shard's counts.
+
+At most ``max_inflight`` batches of one shard are with the teacher at a time: while the teacher works on
+them, this worker decodes and extracts phrases for the next batch and matches and writes the previous one,
+so the teacher is not left idle and memory stays bounded whatever the shard size.
+
+The function knows nothing of Ray: ``pipeline.worker`` runs it in an actor with a client that calls teacher
+actors, and tests run it in-process with :class:`LocalTeacherClient`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from shards import fs
+from shards.errors import SampleError, SgaError
+from shards.labels import LabelRecord, LabelSetInfo, LabelShardWriter, alignment_matrix
+from shards.manifest import ERROR, OK, ManifestRow, write_manifest, write_marker
+from shards.regions import RegionRecord
+
+from .matching import phrase_labels, read_ground_truth, score_alignment
+from .phrases import PhraseCache, PhraseExtractor, Span
+from .reader import ShardItem, iter_shard
+from .validate import ValidationConfig, check_caption, check_image, check_regions
+
+
+class TeacherClient(Protocol):
+    """Where batches go: ``submit`` hands one over and returns a token, ``collect`` waits for its answer
+    (``[sample][phrase] -> PhraseBoxes``) or raises the teacher's error. ``local_cpu_s`` is teacher CPU
+    time spent in the calling thread (0 when the teacher runs elsewhere)."""
+
+    local_cpu_s: float
+
+    def submit(self, batch: list) -> Any: ...
+
+    def collect(self, token: Any) -> list[list]: ...
+
+
+class LocalTeacherClient:
+    """Runs the teacher in this thread when a batch is collected (tests, benchmarks, ``--workers 0``)."""
+
+    def __init__(self, teacher):
+        self.teacher = teacher
+        self.local_cpu_s = 0.0
+
+    def submit(self, batch: list) -> Any:
+        return batch
+
+    def collect(self, token: Any) -> list[list]:
+        start = time.thread_time()
+        try:
+            return self.teacher.ground(token)
+        finally:
+            self.local_cpu_s += time.thread_time() - start
+
+
+@dataclass
+class ShardTask:
+    """What a worker needs to label any shard of one job (picklable; the same for every shard)."""
+
+    images_uri: str
+    regions_uri: str
+    labels_root: str                  # LABELS: label sets and the phrase cache live under it
+    info: LabelSetInfo
+    gt_uri: str | None = None         # the world's hidden truth, for precision/recall
+    feature_dim: int | None = None    # from regions.json; samples with another width are rejected
+    batch_size: int = 16
+    max_inflight: int = 2
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+
+    @property
+    def labelset_uri(self) -> str:
+        return fs.join(self.labels_root, self.info.labelset_id)
+
+
+class TeacherFailure(SgaError):
+    """The teacher failed on every sample of a shard: a broken teacher, not bad input; the shard is not
+    marked done so a rerun retries it."""
+
+
+@dataclass
+class _Sample:
+    index: int
+    key: str
+    caption: str
+    image: np.ndarray
+    regions: RegionRecord
+    spans: list[Span] = field(default_factory=list)
+
+
+class _ShardRun:
+    """State of one shard being labelled (see :func:`label_shard`)."""
+
+    def __init__(self, task: ShardTask, shard: str, extractor: PhraseExtractor, client: TeacherClient,
+                 on_progress: Callable[[int], None] | None):
+        self.task, self.shard, self.client = task, shard, client
+        self.cache = PhraseCache(task.labels_root, shard, extractor)
+        gt_file = fs.join(task.gt_uri, f"{shard}.parquet") if task.gt_uri else None
+        self.truth = read_ground_truth(task.gt_uri, shard) if gt_file and fs.exists(gt_file) else None
+        self.on_progress = on_progress or (lambda n: None)
+        self.rows: list[tuple[int, ManifestRow]] = []
+        self.pending: deque[tuple[Any, list[_Sample]]] = deque()
+        self.counts = dict.fromkeys(("phrases", "positives", "regions", "grounded", "teacher_errors",
+                                     "tp", "fp", "fn"), 0)
+        self.teacher_wait = 0.0
+        self._unreported = 0
+
+    def error(self, index: int, err: SampleError) -> None:
+        self.rows.append((index, ManifestRow(err.key, self.shard, ERROR, err.stage, err.reason)))
+        self._unreported += 1
+
+    def prepare(self, index: int, item: ShardItem) -> _Sample:
+        if item.error is not None:
+            raise item.error
+        image = item.image
+        cfg = self.task.validation
+        caption = check_caption(item.key, image.caption, cfg)
+        pixels = check_image(item.key, image.status, image.jpg, image.error_message, cfg)
+        regions = check_regions(item.key, item.regions, pixels.shape[1], pixels.shape[0],
+                                self.task.feature_dim, cfg)
+        return _Sample(index, item.key, caption, pixels, regions)
+
+    def submit(self, batch: list[_Sample], writer: LabelShardWriter) -> None:
+        for sample, spans in zip(batch, self.cache.get([(s.key, s.caption) for s in batch])):
+            sample.spans = spans
+        inputs = _inputs([s for s in batch if s.spans])
+        self.pending.append((self.client.submit(inputs) if inputs else None, batch))
+        while len(self.pending) > self.task.max_inflight:
+            self.finish(*self.pending.popleft(), writer)
+
+    def ground(self, token: Any, grounded: list[_Sample]) -> list[list | SampleError]:
+        """The teacher's answer per grounded sample; on a failed batch, each sample alone, so one bad sample
+        costs only itself."""
+        start = time.perf_counter()
+        try:
+            answers = _checked(self.client.collect(token), grounded)
+        except Exception:
+            answers = []
+            for s in grounded:
+                try:
+                    answers.append(_checked(self.client.collect(self.client.submit(_inputs([s]))), [s])[0])
+                except Exception as exc:  # the boundary where a teacher crash becomes an error row
+                    answers.append(SampleError(s.key, "teacher", f"teacher failed: {exc!r}"[:500]))
+        self.teacher_wait += time.perf_counter() - start
+        return answers
+
+    def finish(self, token: Any, batch: list[_Sample], writer: LabelShardWriter) -> None:
+        grounded = [s for s in batch if s.spans]
+        answers = iter(self.ground(token, grounded) if token is not None else [])
+        info = self.task.info
+        for s in batch:
+            found = next(answers) if s.spans else []
+            if isinstance(found, SampleError):
+                self.counts["teacher_errors"] += 1
+                self.error(s.index, found)
+                continue
+            h, w = s.image.shape[:2]
+            phrases = phrase_labels(s.caption, s.spans, found, w, h, info.score_floor, info.top_k)
+            align = alignment_matrix(phrases, s.regions.boxes, info.score_threshold, info.iou_threshold)
+            rec = LabelRecord(s.key, s.caption, w, h, s.regions.num_boxes, phrases, align)
+            try:
+                writer.write(rec)
+            except SampleError as err:
+                self.error(s.index, err)
+                continue
+            positives = int(align.sum())
+            self.rows.append((s.index, ManifestRow(s.key, self.shard, OK, None, None, len(phrases),
+                                                   s.regions.num_boxes, positives)))
+            self.counts["phrases"] += len(phrases)
+            self.counts["positives"] += positives
+            self.counts["regions"] += s.regions.num_boxes
+            self.counts["grounded"] += bool(s.spans)
+            if self.truth is not None and s.key in self.truth:
+                tp, fp, fn = score_alignment(s.spans, align, self.truth[s.key], s.regions.boxes,
+                                             info.iou_threshold)
+                self.counts["tp"] += tp
+                self.counts["fp"] += fp
+                self.counts["fn"] += fn
+        self.report(len(batch))
+
+    def report(self, n: int) -> None:
+        self.on_progress(n + self._unreported)
+        self._unreported = 0
+
+
+def _inputs(samples: Sequence[_Sample]) -> list:
+    from teacher.base import GroundingInput
+
+    return [GroundingInput(s.image, s.caption, list(s.spans)) for s in samples]
+
+
+def _checked(answers: list[list], samples: Sequence[_Sample]) -> list[list]:
+    """The answers if they have one entry per sample and per phrase, else a ``ValueError``."""
+    if len(answers) != len(samples) or any(len(a) != len(s.spans) for a, s in zip(answers, samples)):
+        raise ValueError(f"teacher answered {[len(a) for a in answers]} phrases for "
+                         f"{[len(s.spans) for s in samples]}")
+    return answers
+
+
+def label_shard(task: ShardTask, shard: str, extractor: PhraseExtractor, client: TeacherClient,
+                on_progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Label ``shard`` and commit tar, manifest and marker (see the module doc); returns the marker's stats.
+
+    Stats keys: ``labelset_id, shard, samples, ok, errors, error_stages, phrases, positives, regions,
+    grounded, teacher_errors, tp, fp, fn, scored, label_bytes, phrase_cache_hits, phrase_cache_misses,
+    seconds, prep_cpu_s, teacher_wait_s``. Raises :class:`TeacherFailure` (nothing committed) when the
+    teacher failed on every one of at least two samples.
+    """
+    start, cpu_start, local_start = time.perf_counter(), time.thread_time(), client.local_cpu_s
+    run = _ShardRun(task, shard, extractor, client, on_progress)
+    fs.makedirs(task.labelset_uri)
+    with LabelShardWriter(task.labelset_uri, shard, task.info) as writer:
+        batch: list[_Sample] = []
+        for index, item in enumerate(iter_shard(task.images_uri, task.regions_uri, shard)):
+            try:
+                batch.append(run.prepare(index, item))
+            except SampleError as err:
+                run.error(index, err)
+                continue
+            if len(batch) == task.batch_size:
+                run.submit(batch, writer)
+                batch = []
+        if batch:
+            run.submit(batch, writer)
+        while run.pending:
+            run.finish(*run.pending.popleft(), writer)
+        failed, tried = run.counts["teacher_errors"], run.counts["teacher_errors"] + run.counts["grounded"]
+        if tried >= 2 and failed == tried:
+            raise TeacherFailure(f"shard {shard}: the teacher failed on all {tried} samples it was given; "
+                                 "check the teacher (see the manifest-less shard's worker log) and rerun")
+    run.report(0)
+    run.cache.save()
+    rows = [row for _, row in sorted(run.rows, key=lambda r: r[0])]
+    write_manifest(task.labelset_uri, shard, rows)
+    stages: dict[str, int] = {}
+    for row in rows:
+        if row.status == ERROR:
+            stages[row.stage] = stages.get(row.stage, 0) + 1
+    label_fs, label_path = fs.resolve(writer.uri)
+    stats = {
+        "labelset_id": task.info.labelset_id, "shard": shard, "samples": len(rows),
+        "ok": sum(r.status == OK for r in rows), "errors": sum(stages.values()), "error_stages": stages,
+        **run.counts, "scored": run.truth is not None, "label_bytes": label_fs.get_file_info(label_path).size,
+        "phrase_cache_hits": run.cache.hits, "phrase_cache_misses": run.cache.misses,
+        "seconds": time.perf_counter() - start, "teacher_wait_s": run.teacher_wait,
+        "prep_cpu_s": time.thread_time() - cpu_start - (client.local_cpu_s - local_start),
+    }
+    write_marker(task.labelset_uri, shard, stats)
+    return stats

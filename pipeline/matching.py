@@ -1,0 +1,112 @@
+"""Teacher boxes -> phrase labels -> the phrase x region alignment matrix, and its score against ground truth.
+
+Everything here is vectorised numpy over one sample: ``alignment_matrix`` (``shards.labels``) does the
+IoU matching, this module cleans the teacher's output before it is stored and, for the synthetic world,
+counts true/false positives of the matrix against the world's hidden ground truth.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from shards import fs
+from shards.boxes import box_area, box_iou, clip_boxes
+from shards.labels import PhraseLabel
+
+Span = tuple[int, int]
+
+
+def phrase_labels(caption: str, spans: Sequence[Span], grounded: Sequence, image_w: int, image_h: int,
+                  score_floor: float, top_k: int) -> list[PhraseLabel]:
+    """One :class:`PhraseLabel` per span from the teacher's ``PhraseBoxes`` (same order as ``spans``).
+
+    Boxes are clipped to the image; non-finite or empty boxes and scores below ``score_floor`` are dropped;
+    the rest is sorted by score (stable, so ties keep the teacher's order) and cut to ``top_k``.
+    """
+    labels = []
+    for (start, end), pb in zip(spans, grounded, strict=True):
+        boxes = np.asarray(pb.boxes, np.float32).reshape(-1, 4)
+        scores = np.asarray(pb.scores, np.float32).reshape(-1)
+        finite = np.isfinite(boxes).all(axis=1) & np.isfinite(scores)
+        boxes = clip_boxes(np.where(finite[:, None], boxes, 0), image_w, image_h)
+        keep = finite & (scores >= score_floor) & (box_area(boxes) > 0)
+        boxes, scores = boxes[keep], scores[keep]
+        order = np.argsort(-scores, kind="stable")[:top_k]
+        labels.append(PhraseLabel(caption[start:end], int(start), int(end), boxes[order], scores[order]))
+    return labels
+
+
+@dataclass
+class GroundTruth:
+    """The world's hidden truth for one caption: G phrases with their spans, pixel boxes and visibility."""
+
+    spans: list[Span]
+    boxes: list[np.ndarray]     # per phrase float32 [K, 4] pixel xyxy
+    visible: list[bool]
+
+
+def read_ground_truth(gt_uri: str, shard: str) -> dict[str, GroundTruth]:
+    """``GT/NNNNN.parquet`` (key, phrase, start, end, boxes, visible) -> ``{key: GroundTruth}``."""
+    data = fs.read_bytes(fs.join(gt_uri, f"{shard}.parquet"))
+    table = pq.read_table(pa.BufferReader(data), columns=["key", "start", "end", "boxes", "visible"])
+    out: dict[str, GroundTruth] = {}
+    cols = (table.column(n).to_pylist() for n in ("key", "start", "end", "boxes", "visible"))
+    for key, start, end, boxes, visible in zip(*cols):
+        gt = out.setdefault(str(key), GroundTruth([], [], []))
+        gt.spans.append((int(start), int(end)))
+        gt.boxes.append(np.asarray(boxes or [], np.float32).reshape(-1, 4))
+        gt.visible.append(bool(visible))
+    return out
+
+
+def gt_alignment(gt: GroundTruth, region_boxes: np.ndarray, iou_threshold: float) -> np.ndarray:
+    """bool ``[G, R]``: region r truly shows phrase g (IoU >= threshold with one of g's visible boxes)."""
+    region_boxes = np.asarray(region_boxes, np.float32).reshape(-1, 4)
+    out = np.zeros((len(gt.spans), len(region_boxes)), dtype=bool)
+    for g, (boxes, visible) in enumerate(zip(gt.boxes, gt.visible)):
+        if visible and len(boxes):
+            out[g] = (box_iou(boxes, region_boxes) >= iou_threshold).any(axis=0)
+    return out
+
+
+def span_overlap(a: Sequence[Span], b: Sequence[Span]) -> np.ndarray:
+    """``[len(a), len(b)]`` IoU of character intervals."""
+    a = np.asarray(a, np.float64).reshape(-1, 2)
+    b = np.asarray(b, np.float64).reshape(-1, 2)
+    lo = np.maximum(a[:, None, 0], b[None, :, 0])
+    hi = np.minimum(a[:, None, 1], b[None, :, 1])
+    inter = np.clip(hi - lo, 0, None)
+    union = (a[:, 1] - a[:, 0])[:, None] + (b[:, 1] - b[:, 0])[None, :] - inter
+    return np.where(union > 0, inter / np.maximum(union, 1e-9), 0.0)
+
+
+def score_alignment(spans: Sequence[Span], align: np.ndarray, gt: GroundTruth, region_boxes: np.ndarray,
+                    iou_threshold: float, min_span_overlap: float = 0.5) -> tuple[int, int, int]:
+    """``(tp, fp, fn)`` over phrase x region cells of ``align`` (bool ``[P, R]``) against the truth.
+
+    Extracted phrases are paired one to one with true phrases by character overlap (greedy, best first,
+    IoU of spans >= ``min_span_overlap``). A cell is a true positive when it is set in both matrices; cells of
+    a phrase without a true partner are false positives; true cells of an unpaired true phrase are misses.
+    """
+    truth = gt_alignment(gt, region_boxes, iou_threshold)                  # [G, R]
+    target = np.zeros_like(align, dtype=bool)                               # [P, R]
+    paired_gt = np.zeros(len(gt.spans), dtype=bool)
+    if len(spans) and len(gt.spans):
+        overlap = span_overlap(spans, gt.spans)
+        paired_p = np.zeros(len(spans), dtype=bool)
+        for flat in np.argsort(-overlap, axis=None, kind="stable"):
+            p, g = divmod(int(flat), len(gt.spans))
+            if overlap[p, g] < min_span_overlap:
+                break
+            if not paired_p[p] and not paired_gt[g]:
+                paired_p[p] = paired_gt[g] = True
+                target[p] = truth[g]
+    tp = int((align & target).sum())
+    fp = int((align & ~target).sum())
+    fn = int((target & ~align).sum()) + int(truth[~paired_gt].sum())
+    return tp, fp, fn

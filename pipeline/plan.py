@@ -1,0 +1,198 @@
+"""Everything ``sga label`` decides before it starts Ray: the config, the up-front refusals, the plan.
+
+Refusals name the file and the fix: input folders without shards, a region set whose shard names differ
+from the image shards', an unknown teacher, an output folder holding something other than label sets of
+this schema. A plan lists every input shard and the ones still to do: a shard is done iff its marker
+exists in the label set's folder, and the folder is named by the label set id, which hashes the teacher
+fingerprint, the phrase extractor and the thresholds, so a rerun skips exactly what this configuration
+already finished and a new teacher labels into a new folder beside the old one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from shards import fs
+from shards.errors import SgaError
+from shards.images import list_shards
+from shards.labels import (
+    INFO_NAME,
+    SCHEMA_VERSION,
+    LabelSetInfo,
+    read_labelset_info,
+    write_labelset_info,
+)
+from shards.manifest import read_marker
+from shards.regions import read_regions_info
+
+from .labeler import ShardTask
+from .labelsets import JOB_NAME, read_job
+from .phrases import CACHE_DIR, PhraseConfig, cache_slug, describe_model
+from .teacher_id import CACHE_NAME, check_teacher_spec
+from .validate import ValidationConfig
+
+
+@dataclass
+class LabelJobConfig:
+    """``sga label`` options. Worker counts left as None are sized from the cluster's resources."""
+
+    images: str
+    regions: str
+    out: str
+    teacher: str = "tiny"
+    gt: str | None = None                 # world ground truth (GT/NNNNN.parquet): adds precision/recall
+    address: str | None = None            # None: a local Ray instance; "auto" or "ray://host:port": a cluster
+    num_cpus: int | None = None           # CPUs of the local instance (default: this process's cores)
+    workers: int | None = None            # teacher actors
+    gpus_per_worker: float = 0.0
+    cpus_per_worker: float = 1.0
+    shard_workers: int | None = None      # CPU actors reading, extracting phrases, matching, writing
+    cpus_per_shard_worker: float = 1.0
+    batch_size: int = 16
+    max_inflight: int = 2                 # batches per shard worker queued at the teachers
+    score_floor: float = 0.05
+    score_threshold: float = 0.3
+    iou_threshold: float = 0.5
+    top_k: int = 10
+    device: str | None = None             # default: "cuda" with GPUs per worker, else "cpu"
+    phrases: PhraseConfig = field(default_factory=PhraseConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+
+    @property
+    def teacher_device(self) -> str:
+        return self.device or ("cuda" if self.gpus_per_worker > 0 else "cpu")
+
+
+@dataclass
+class JobPlan:
+    task: ShardTask
+    shards: list[str]           # every input shard
+    pending: list[str]          # those without a marker in this label set
+    teacher_name: str
+
+
+def check_inputs(images: str, regions: str) -> tuple[list[str], dict]:
+    """Image shard names and the region set's info; refuses missing or mismatched shard sets."""
+    if not fs.is_dir(images):
+        raise SgaError(f"{images} is not a folder; pass --images an img2dataset output folder (NNNNN.tar)")
+    shards = list_shards(images)
+    if not shards:
+        raise SgaError(f"{images} holds no image shards (NNNNN.tar); pass --images an img2dataset output "
+                       "folder, or run `sga world` to make one")
+    info = read_regions_info(regions)
+    region_shards = [n[: -len(".tar")] for n in fs.list_dir(regions, ".tar")]
+    if region_shards != shards:
+        lacking = sorted(set(shards) - set(region_shards))
+        extra = sorted(set(region_shards) - set(shards))
+        detail = []
+        if lacking:
+            detail.append(f"{fs.join(regions, lacking[0] + '.tar')} is missing (image shard "
+                          f"{fs.join(images, lacking[0] + '.tar')} exists; {len(lacking)} missing in all)")
+        if extra:
+            detail.append(f"{fs.join(regions, extra[0] + '.tar')} has no image shard ({len(extra)} extra)")
+        raise SgaError(f"region shards do not match the image shards: {'; '.join(detail)}. Compute regions "
+                       "for the same shards (`sga regions import`) or pass the matching --regions")
+    return shards, info
+
+
+def check_output(out: str) -> None:
+    """Refuse an ``--out`` that is not a folder of label sets of this schema."""
+    if not fs.exists(out):
+        return
+    if not fs.is_dir(out):
+        raise SgaError(f"{out} is a file; --out must be a folder for label sets (a new or empty one)")
+    if fs.exists(fs.join(out, INFO_NAME)):
+        raise SgaError(f"{out} is a label set itself ({fs.join(out, INFO_NAME)}); pass its parent folder "
+                       "as --out")
+    files = [name for name in fs.list_dir(out) if name != CACHE_NAME]
+    if files:
+        raise SgaError(f"{fs.join(out, files[0])} is not part of a label set folder; --out must hold only "
+                       "label sets written by `sga label`: pass a new or empty folder")
+    for name in fs.list_subdirs(out):
+        sub = fs.join(out, name)
+        if name == CACHE_DIR:
+            continue
+        if not fs.exists(fs.join(sub, INFO_NAME)):
+            if fs.list_dir(sub) or fs.list_subdirs(sub):
+                raise SgaError(f"{sub} is not a label set (no {INFO_NAME}); --out must hold only label sets "
+                               "written by `sga label`: pass a new or empty folder")
+            continue
+        info = read_labelset_info(sub)  # refuses newer schemas itself
+        if info.schema_version != SCHEMA_VERSION:
+            raise SgaError(f"{fs.join(sub, INFO_NAME)} has label schema {info.schema_version}, this sga "
+                           f"writes {SCHEMA_VERSION}; pass a new --out or remove {sub}")
+
+
+def open_labelset(out: str, info: LabelSetInfo) -> tuple[str, LabelSetInfo]:
+    """``OUT/<labelset_id>``, created with its ``labelset.json`` or reopened (keeping its creation date)."""
+    uri = fs.join(out, info.labelset_id)
+    if fs.exists(fs.join(uri, INFO_NAME)):
+        existing = read_labelset_info(uri)
+        if existing.labelset_id != info.labelset_id:
+            raise SgaError(f"{fs.join(uri, INFO_NAME)} describes label set {existing.labelset_id}, not "
+                           f"{info.labelset_id}; remove {uri} and rerun")
+        return uri, existing
+    fs.makedirs(uri)
+    write_labelset_info(uri, info)
+    return uri, info
+
+
+def check_same_inputs(labelset_uri: str, config: LabelJobConfig) -> None:
+    """Refuse to resume a label set that was started on other images or regions (same shard names, other
+    data: its markers would wrongly mark them done)."""
+    job = read_job(labelset_uri)
+    if not job:
+        return
+    for name in ("images", "regions"):
+        before, now = job.get(name), getattr(config, name)
+        if before is not None and fs.resolve(before)[1] != fs.resolve(now)[1]:
+            raise SgaError(f"{fs.join(labelset_uri, JOB_NAME)} says this label set was made from --{name} "
+                           f"{before}, not {now}; pass another --out for other inputs")
+
+
+@dataclass
+class CheckedInputs:
+    shards: list[str]
+    feature_dim: int | None
+    extractor: str
+
+
+def check_job(config: LabelJobConfig) -> CheckedInputs:
+    """Every up-front refusal, before Ray or the teacher is started."""
+    shards, regions_info = check_inputs(config.images, config.regions)
+    if config.gt is not None and not fs.is_dir(config.gt):
+        raise SgaError(f"{config.gt} is not a folder; --gt takes the world's gt/ folder (GT/NNNNN.parquet)")
+    check_output(config.out)
+    if not (0 <= config.score_floor <= config.score_threshold <= 1):
+        raise SgaError(f"need 0 <= --score-floor ({config.score_floor}) <= --score-threshold "
+                       f"({config.score_threshold}) <= 1")
+    if config.batch_size < 1 or config.max_inflight < 1:
+        raise SgaError("--batch-size and --max-inflight must be >= 1")
+    check_teacher_spec(config.teacher)
+    _, _, extractor = describe_model(config.phrases)
+    return CheckedInputs(shards, regions_info.get("feature_dim"), extractor)
+
+
+def plan_job(config: LabelJobConfig, checked: CheckedInputs, teacher_name: str,
+             teacher_fingerprint: str) -> JobPlan:
+    """Open the label set of this teacher and configuration, and list the shards still to label."""
+    info = LabelSetInfo(teacher_name=teacher_name, teacher_fingerprint=teacher_fingerprint,
+                        extractor=checked.extractor, score_floor=config.score_floor,
+                        score_threshold=config.score_threshold, iou_threshold=config.iou_threshold,
+                        top_k=config.top_k)
+    uri, info = open_labelset(config.out, info)
+    check_same_inputs(uri, config)
+    # Files left by writers killed mid-write are never visible to readers; drop them before new writes.
+    fs.clean_tmp(uri)
+    fs.clean_tmp(fs.join(config.out, CACHE_DIR, cache_slug(checked.extractor)))
+    fs.write_json(fs.join(uri, JOB_NAME), {
+        "images": config.images, "regions": config.regions, "gt": config.gt, "shards": checked.shards,
+        "teacher_spec": config.teacher, "config": {k: v for k, v in asdict(config).items()
+                                                   if k not in ("images", "regions", "out", "gt")},
+    })
+    task = ShardTask(images_uri=config.images, regions_uri=config.regions, labels_root=config.out, info=info,
+                     gt_uri=config.gt, feature_dim=checked.feature_dim, batch_size=config.batch_size,
+                     max_inflight=config.max_inflight, validation=config.validation)
+    pending = [s for s in checked.shards
+               if (read_marker(uri, s) or {}).get("labelset_id") != info.labelset_id]
+    return JobPlan(task=task, shards=checked.shards, pending=pending, teacher_name=teacher_name)

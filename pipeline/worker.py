@@ -1,0 +1,190 @@
+"""Ray actors of the labeling job: teachers that load their weights once, and shard workers that feed them.
+
+- :class:`TeacherActor` holds one teacher (one per GPU, or per CPU slot) for the whole job and answers
+  ``ground(batch)`` calls; it counts the seconds it spends inside the teacher so the driver can report how
+  busy the teachers were.
+- :class:`ShardActor` holds the spaCy pipeline and runs :func:`pipeline.labeler.label_shard` for one shard
+  per call, sending its batches round-robin to the teacher actors, at most ``max_inflight`` at a time.
+- :class:`ProgressActor` counts finished samples for the driver's progress bar.
+
+Both kinds of actors restart when their process or node dies (``max_restarts=-1``); a call in flight is
+retried on the restarted actor a few times (``max_task_retries``), so a killed worker or a lost node costs
+only the shard it was on, which is redone from scratch (its files are atomic and its marker is written
+last). An input that kills the teacher process every time runs out of retries and becomes a ``teacher``
+error row instead of stalling the job.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import resource
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+
+from shards.errors import SgaError
+
+from .labeler import ShardTask, label_shard
+from .phrases import PhraseConfig, PhraseExtractor
+
+MAX_TASK_RETRIES = 3
+
+
+def _threads(num_cpus: float) -> int:
+    """Torch threads for an actor holding ``num_cpus`` logical CPUs (at least one)."""
+    return max(1, int(num_cpus))
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@dataclass
+class TeacherSpec:
+    """How teacher actors build their teacher (``teacher.base.load_teacher`` arguments)."""
+
+    spec: str
+    device: str
+    score_floor: float
+    top_k: int
+
+
+class TeacherActor:
+    """One teacher for the job's lifetime; ``ground`` is ``Teacher.ground`` plus busy-time accounting."""
+
+    def __init__(self, spec: TeacherSpec, num_cpus: float):
+        import torch
+
+        from teacher.base import load_teacher
+
+        torch.set_num_threads(_threads(num_cpus))
+        self.teacher = load_teacher(spec.spec, device=spec.device, score_floor=spec.score_floor,
+                                    top_k=spec.top_k)
+        self.busy_s = 0.0
+        self.calls = 0
+        self.samples = 0
+        self.started = time.perf_counter()
+
+    def ready(self) -> dict[str, str]:
+        return {"name": self.teacher.name, "fingerprint": self.teacher.fingerprint}
+
+    def ground(self, batch: list) -> list[list]:
+        start = time.perf_counter()
+        try:
+            return self.teacher.ground(batch)
+        finally:
+            self.busy_s += time.perf_counter() - start
+            self.calls += 1
+            self.samples += len(batch)
+
+    def stats(self) -> dict[str, Any]:
+        return {"busy_s": self.busy_s, "alive_s": time.perf_counter() - self.started, "calls": self.calls,
+                "samples": self.samples, "peak_rss_mb": _peak_rss_mb(), "pid": os.getpid()}
+
+
+class RayTeacherClient:
+    """Sends batches round-robin over teacher actors; ``collect`` is ``ray.get`` of the answer."""
+
+    local_cpu_s = 0.0
+
+    def __init__(self, teachers: list, offset: int = 0):
+        self._next = itertools.cycle(teachers[offset % len(teachers):] + teachers[:offset % len(teachers)])
+
+    def submit(self, batch: list) -> Any:
+        return next(self._next).ground.remote(batch)
+
+    def collect(self, token: Any) -> list[list]:
+        return ray.get(token)
+
+
+class ShardActor:
+    """Labels one shard per call; holds the spaCy pipeline so it loads once."""
+
+    def __init__(self, phrase_config: PhraseConfig, teacher_names: list[str], num_cpus: float, index: int,
+                 progress_name: str | None = None):
+        import torch
+
+        torch.set_num_threads(_threads(num_cpus))
+        self.extractor = PhraseExtractor(phrase_config)
+        # Actors are found by name rather than passed as handles: a restarted actor re-runs this
+        # constructor, and plain strings, unlike handles, never depend on objects that may be gone.
+        self.client = RayTeacherClient([ray.get_actor(n) for n in teacher_names], offset=index)
+        self.progress = ray.get_actor(progress_name) if progress_name else None
+        self.shards = 0
+        self.cpu_s = 0.0
+
+    def ready(self) -> bool:
+        return True
+
+    def label(self, task: ShardTask, shard: str) -> dict[str, Any]:
+        def report(n: int) -> None:
+            if self.progress is not None and n:
+                self.progress.add.remote(n)
+
+        stats = label_shard(task, shard, self.extractor, self.client, on_progress=report)
+        self.shards += 1
+        self.cpu_s += stats["prep_cpu_s"]
+        return stats
+
+    def stats(self) -> dict[str, Any]:
+        return {"shards": self.shards, "prep_cpu_s": self.cpu_s, "peak_rss_mb": _peak_rss_mb(),
+                "pid": os.getpid()}
+
+
+class ProgressActor:
+    """A counter the shard actors add finished samples to; the driver polls it for the progress bar."""
+
+    def __init__(self):
+        self.done = 0
+
+    def add(self, n: int) -> None:
+        self.done += n
+
+    def value(self) -> int:
+        return self.done
+
+
+def start_teachers(spec: TeacherSpec, count: int, num_cpus: float, num_gpus: float,
+                   prefix: str) -> tuple[list[str], list, dict]:
+    """``count`` teacher actors named ``{prefix}-teacher-{i}`` once every one has loaded its teacher:
+    ``(names, handles, {"name", "fingerprint"})``.
+
+    Every actor must report the same fingerprint: a node holding other weights at the same path would
+    silently mix two teachers in one label set. A teacher that fails to load is an :class:`SgaError`.
+    """
+    cls = ray.remote(TeacherActor)
+    names = [f"{prefix}-teacher-{i}" for i in range(count)]
+    actors = [cls.options(name=n, num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=-1,
+                          max_task_retries=MAX_TASK_RETRIES).remote(spec, num_cpus) for n in names]
+    try:
+        found = ray.get([a.ready.remote() for a in actors])
+    except ray.exceptions.RayError as exc:
+        for actor in actors:
+            ray.kill(actor)
+        cause = getattr(exc, "cause", None) or exc
+        raise SgaError(f"teacher {spec.spec!r} failed to load on a Ray worker: {cause}") from exc
+    if len({f["fingerprint"] for f in found}) > 1:
+        for actor in actors:
+            ray.kill(actor)
+        prints = sorted({f["fingerprint"] for f in found})
+        raise SgaError(f"Ray workers loaded teacher {spec.spec!r} with different fingerprints {prints}; "
+                       "install the same teacher on every node")
+    return names, actors, found[0]
+
+
+def start_shard_workers(phrase_config: PhraseConfig, teacher_names: list[str], count: int, num_cpus: float,
+                        progress_name: str | None = None) -> list:
+    """``count`` shard actors, returned once every one has loaded spaCy and found its teachers."""
+    cls = ray.remote(ShardActor).options(num_cpus=num_cpus, max_restarts=-1,
+                                         max_task_retries=MAX_TASK_RETRIES)
+    actors = [cls.remote(phrase_config, teacher_names, num_cpus, i, progress_name) for i in range(count)]
+    ray.get([a.ready.remote() for a in actors])
+    return actors
+
+
+def start_progress(name: str):
+    cls = ray.remote(ProgressActor).options(name=name, num_cpus=0, max_restarts=-1, max_task_retries=-1)
+    return cls.remote()
