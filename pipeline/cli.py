@@ -15,7 +15,10 @@ from typing import Any
 from shards.errors import SgaError
 
 # Order is the order of ``sga --help``: data flows from the world to the student.
-COMMAND_MODULES = ("shards.synthetic.cli", "shards.cli", "teacher.cli", "pipeline.label_cli", "student.cli")
+COMMAND_MODULES = (
+    "shards.synthetic.cli", "shards.cli", "teacher.cli", "pipeline.label_cli", "student.cli",
+    "student.finetune.cli", "student.experiment.cli",
+)
 
 DESCRIPTION = """\
 Semi-supervised grounding alignment: label captions with a phrase-grounding teacher, then pretrain a

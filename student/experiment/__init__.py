@@ -1,0 +1,1 @@
+"""student.experiment (issue 6)."""

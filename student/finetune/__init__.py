@@ -1,0 +1,1 @@
+"""student.finetune (issue 6)."""
