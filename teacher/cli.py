@@ -1,5 +1,114 @@
-"""sga subcommands of this package (filled in by its issue)."""
+"""``sga teacher train|eval|convert`` (implementations in ``teacher.train``, ``teacher.evaluate``,
+``teacher.grounding``, imported on use so ``sga --help`` stays fast)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+from shards.cliutil import add_command, add_group
+
+TRAIN_DESCRIPTION = """\
+Train a small MDETR phrase-grounding teacher on a synthetic world's hidden ground truth (CPU).
+
+The last --val-samples images of --world are held out for the periodic recall printed to the log. Output
+(--out): a teacher directory (model.safetensors, config.json, tokenizer/, teacher.json) usable as
+--teacher OUT, plus train_log.jsonl and train_state/checkpoint.pt. Rerun the same command to resume.
+Use --threads 1 on a shared machine: oversubscribed torch threads run several times slower.
+"""
+
+EVAL_DESCRIPTION = """\
+Phrase-grounding recall of a teacher on a world's hidden ground truth: recall@1 and recall@5 at
+IoU >= 0.5 over visible phrases (any true box counts, Flickr30k AnyBox), and the fraction of phrases naming
+nothing visible whose best box scores below --score-threshold. Use a world the teacher was not trained on
+(generate one with another --seed).
+"""
+
+CONVERT_DESCRIPTION = """\
+Turn a released MDETR checkpoint (.pth from zenodo record 4721981, e.g. pretrained_resnet101_checkpoint.pth,
+which is also MDETR's Flickr30k grounding model) into a teacher directory: slim safetensors weights (EMA
+weights when present), config.json, the tokenizer copied from --tokenizer (a local directory with
+roberta-base's tokenizer.json or vocab.json + merges.txt; nothing is downloaded) and teacher.json.
+"""
+
+
+def _run_train(args: argparse.Namespace) -> dict:
+    from .train import TrainConfig, train
+
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    values = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    if "backbone_widths" in values:
+        values["backbone_widths"] = tuple(int(w) for w in values["backbone_widths"].split(","))
+    return train(TrainConfig(**values), show_progress=not args.json)
+
+
+def _run_eval(args: argparse.Namespace) -> dict:
+    import torch
+
+    from .evaluate import eval_world
+
+    torch.set_num_threads(args.threads)
+    return eval_world(args.world, args.teacher, device=args.device, limit=args.limit,
+                      score_threshold=args.score_threshold, iou_threshold=args.iou_threshold,
+                      batch_size=args.batch_size, show_progress=not args.json)
+
+
+def _run_convert(args: argparse.Namespace) -> dict:
+    from .grounding import convert_to_teacher
+    from .preprocess import PreprocessConfig
+
+    return convert_to_teacher(args.src, args.tokenizer, args.out, entry=args.entry, weights=args.weights,
+                              preprocess=PreprocessConfig(short_side=args.short_side, max_size=args.max_size))
 
 
 def register(subparsers) -> None:
-    """Add this package's subcommands to the ``sga`` parser."""
+    """Add ``sga teacher train|eval|convert`` to the ``sga`` parser."""
+    group = add_group(subparsers, "teacher", help="phrase-grounding teachers: train, evaluate, convert",
+                      description="Phrase-grounding teachers (MDETR). `--teacher tiny` is the bundled small "
+                                  "teacher; `--teacher DIR` any teacher directory.")
+
+    p = add_command(group, "train", _run_train, help="train the small MDETR teacher on a synthetic world",
+                    description=TRAIN_DESCRIPTION)
+    p.add_argument("--world", required=True, help="world directory written by `sga world`")
+    p.add_argument("--out", required=True, help="output teacher directory (resumed if it has a checkpoint)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    p.add_argument("--seed", type=int, help="random seed (default 0)")
+    p.add_argument("--steps", type=int, help="optimizer steps (default 7000)")
+    p.add_argument("--batch-size", type=int, help="images per step (default 32)")
+    p.add_argument("--lr", type=float, help="peak AdamW learning rate (default 5e-4)")
+    p.add_argument("--val-samples", type=int, help="images held out at the end of the world (default 500)")
+    p.add_argument("--short-side", type=int, help="input short side in pixels (default 96)")
+    p.add_argument("--max-size", type=int, help="cap on the input long side (default 192)")
+    p.add_argument("--vocab-size", type=int, help="BPE vocabulary size (default 1000)")
+    p.add_argument("--backbone-widths",
+                   help="CNN stage widths, one stride-2 stage each (default 16,48,96,128)")
+    p.add_argument("--d-model", type=int, help="transformer width (default 128)")
+    p.add_argument("--enc-layers", type=int, help="fusion encoder layers (default 3)")
+    p.add_argument("--dec-layers", type=int, help="decoder layers (default 3)")
+    p.add_argument("--num-queries", type=int, help="object queries (default 12)")
+    p.add_argument("--eval-every", type=int, help="steps between held-out evaluations (default 500)")
+    p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default 500)")
+    p.add_argument("--log-every", type=int, help="steps between log lines (default 50)")
+
+    p = add_command(group, "eval", _run_eval, help="recall@1/@5 of a teacher on a world's ground truth",
+                    description=EVAL_DESCRIPTION)
+    p.add_argument("--world", required=True, help="world directory written by `sga world` (held out)")
+    p.add_argument("--teacher", default="tiny", help="'tiny' (bundled), a registered name or a teacher dir")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
+    p.add_argument("--limit", type=int, help="evaluate only the first N images")
+    p.add_argument("--score-threshold", type=float, default=0.2,
+                   help="a phrase 'gets a box' when its best score reaches this (default 0.2)")
+    p.add_argument("--iou-threshold", type=float, default=0.5, help="IoU for a hit (default 0.5)")
+    p.add_argument("--batch-size", type=int, default=16, help="images per teacher call (default 16)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+
+    p = add_command(group, "convert", _run_convert, help="released MDETR .pth -> teacher directory",
+                    description=CONVERT_DESCRIPTION)
+    p.add_argument("--src", required=True, help="released checkpoint (.pth)")
+    p.add_argument("--tokenizer", required=True, help="local roberta-base tokenizer directory")
+    p.add_argument("--out", required=True, help="teacher directory to write")
+    p.add_argument("--entry", help="hub entry, e.g. mdetr_resnet101 (default: inferred from the weights)")
+    p.add_argument("--weights", default="auto", choices=("auto", "ema", "model"),
+                   help="which weights: model_ema when present (auto), or force one")
+    p.add_argument("--short-side", type=int, default=800, help="input short side (MDETR: 800)")
+    p.add_argument("--max-size", type=int, default=1333, help="cap on the long side (MDETR: 1333)")

@@ -1,0 +1,232 @@
+"""``sga teacher train``: train a small MDETR on a synthetic world's ground truth, on CPU, resumably.
+
+Stages: split the world (the last ``val_samples`` images are held out) -> train a byte-level BPE tokenizer on
+the training captions -> prepare examples (:mod:`teacher.traindata`) -> build the model (the ``tiny`` MDETR
+entry with this config's sizes) -> AdamW with warm-up, a long constant phase and a cosine decay, MDETR's
+losses on every decoder layer -> periodic held-out recall -> the teacher directory.
+
+Output directory: the teacher (``model.safetensors``, ``config.json``, ``tokenizer/``, ``teacher.json``, the
+last written) plus ``train_log.jsonl`` and ``train_state/checkpoint.pt`` (model, optimizer, step, RNG).
+Rerunning the same command resumes from the checkpoint; the run is deterministic given the seed and the
+thread count (the batch order depends only on the seed and the step).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from shards.errors import SgaError
+from shards.progress import progress
+
+from .criterion import CriterionConfig, SetCriterion
+from .evaluate import evaluate_teacher
+from .grounding import TOKENIZER_DIR, InferenceConfig, MDETRTeacher, write_teacher_json
+from .matcher import HungarianMatcher
+from .mdetr import build_mdetr, get_config
+from .mdetr.checkpoint import save_mdetr
+from .preprocess import PreprocessConfig
+from .tokenizer import load_tokenizer, train_tokenizer
+from .traindata import collate, make_example
+from .worlddata import iter_world, world_captions
+
+CHECKPOINT = "train_state/checkpoint.pt"
+LOG_FILE = "train_log.jsonl"
+# Fields that only say how a run is executed; everything else must match to resume a checkpoint.
+_RUNTIME_FIELDS = ("world", "out", "threads", "eval_every", "checkpoint_every", "log_every")
+
+
+@dataclass
+class TrainConfig:
+    world: str
+    out: str
+    steps: int = 7000
+    batch_size: int = 32
+    lr: float = 5e-4
+    weight_decay: float = 1e-4
+    warmup_steps: int = 300
+    decay_start: float = 0.6          # fraction of the steps after which the lr follows a cosine to the end
+    min_lr_ratio: float = 0.02
+    grad_clip: float = 0.1
+    seed: int = 0
+    val_samples: int = 500
+    short_side: int = 96
+    max_size: int = 192
+    vocab_size: int = 1000
+    backbone_widths: tuple[int, ...] = (16, 48, 96, 128)
+    d_model: int = 128
+    nheads: int = 4
+    enc_layers: int = 3
+    dec_layers: int = 3
+    dim_feedforward: int = 256
+    num_queries: int = 12
+    contrastive_align: bool = True
+    threads: int = 1
+    eval_every: int = 500
+    checkpoint_every: int = 500
+    log_every: int = 50
+
+    def identity(self) -> dict:
+        data = dataclasses.asdict(self)
+        data["backbone_widths"] = list(self.backbone_widths)
+        return {k: v for k, v in data.items() if k not in _RUNTIME_FIELDS}
+
+
+def lr_at(config: TrainConfig, step: int) -> float:
+    """Linear warm-up, constant, then cosine from ``decay_start`` down to ``min_lr_ratio * lr``."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    decay_from = int(config.decay_start * config.steps)
+    if step < decay_from:
+        return config.lr
+    progress_ = (step - decay_from) / max(config.steps - decay_from, 1)
+    floor = config.min_lr_ratio * config.lr
+    return floor + (config.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress_))
+
+
+def batch_indices(config: TrainConfig, step: int, num_examples: int) -> torch.Tensor:
+    """The example indices of ``step``: epoch-wise permutations seeded by ``(seed, epoch)``, last partial
+    batch dropped, so a resumed run sees exactly the batches of an uninterrupted one."""
+    per_epoch = num_examples // config.batch_size
+    epoch, offset = divmod(step, per_epoch)
+    generator = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
+    perm = torch.randperm(num_examples, generator=generator)
+    return perm[offset * config.batch_size: (offset + 1) * config.batch_size]
+
+
+def preprocess_config(config: TrainConfig) -> PreprocessConfig:
+    # Padding to the backbone's stride keeps an image's features independent of its batch neighbours.
+    return PreprocessConfig(short_side=config.short_side, max_size=config.max_size,
+                            size_multiple=2 ** len(config.backbone_widths))
+
+
+def model_config(config: TrainConfig, vocab_size: int, aux_loss: bool):
+    return get_config("tiny", backbone_widths=config.backbone_widths, d_model=config.d_model,
+                      nheads=config.nheads, enc_layers=config.enc_layers, dec_layers=config.dec_layers,
+                      dim_feedforward=config.dim_feedforward, num_queries=config.num_queries,
+                      aux_loss=aux_loss, text_encoder={"vocab_size": vocab_size})
+
+
+def _log(out: Path, record: dict) -> None:
+    with open(out / LOG_FILE, "a") as f:
+        f.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+def _save_checkpoint(out: Path, config: TrainConfig, model, optimizer, step: int) -> None:
+    path = out / CHECKPOINT
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                "rng": torch.get_rng_state(), "identity": json.dumps(config.identity(), sort_keys=True)}, tmp)
+    tmp.replace(path)
+
+
+def _load_checkpoint(out: Path, config: TrainConfig, model, optimizer) -> int:
+    """Restore a run; returns the step to continue from (0 without a checkpoint)."""
+    path = out / CHECKPOINT
+    if not path.is_file():
+        return 0
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if json.loads(state["identity"]) != config.identity():
+        raise SgaError(f"{path} was written by a run with other settings; rerun with the same options, or "
+                       "pass a new --out (or delete that directory) to start over")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"])
+    return int(state["step"])
+
+
+def _held_out_eval(model, tokenizer, preprocess, val_samples) -> dict:
+    teacher = MDETRTeacher(model, tokenizer, preprocess, InferenceConfig(score_floor=0.0, top_k=5))
+    result = evaluate_teacher(teacher, val_samples, show_progress=False)
+    model.train()
+    return result
+
+
+def train(config: TrainConfig, show_progress: bool = True) -> dict:
+    """Run (or resume) a training run; returns a summary with the final held-out evaluation."""
+    torch.set_num_threads(config.threads)
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    preprocess = preprocess_config(config)
+
+    captions = world_captions(config.world)
+    num_train = len(captions) - config.val_samples
+    if num_train < config.batch_size or config.val_samples < 1:
+        raise SgaError(f"{config.world} has {len(captions)} images: too few for --val-samples "
+                       f"{config.val_samples} and --batch-size {config.batch_size}; generate a bigger world")
+    if (out / TOKENIZER_DIR).is_dir():
+        tokenizer = load_tokenizer(out / TOKENIZER_DIR)
+    else:
+        tokenizer = train_tokenizer((c for _, c in captions[:num_train]), config.vocab_size)
+        tokenizer.save_pretrained(str(out / TOKENIZER_DIR))
+
+    torch.manual_seed(config.seed)
+    model = build_mdetr(model_config(config, len(tokenizer), aux_loss=True))
+    max_text_len = min(model.config.num_classes, model.config.text_encoder["max_position_embeddings"] - 2)
+    examples, val_samples = [], []
+    for i, sample in enumerate(progress(iter_world(config.world), total=len(captions), desc="prepare",
+                                        unit="img", **({} if show_progress else {"disable": True}))):
+        if i < num_train:
+            examples.append(make_example(sample, tokenizer, preprocess, max_text_len))
+        else:
+            val_samples.append(sample)
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    criterion = SetCriterion(HungarianMatcher(), CriterionConfig(contrastive_align=config.contrastive_align),
+                             num_aux=config.dec_layers - 1)
+    step = _load_checkpoint(out, config, model, optimizer)
+    model.train()
+    num_positions = model.config.num_classes + 1
+    bar = progress(total=config.steps, initial=step, desc="train", unit="step",
+                   **({} if show_progress else {"disable": True}))
+    running: dict[str, float] = {}
+    tick = time.time()
+    while step < config.steps:
+        batch = collate([examples[i] for i in batch_indices(config, step, len(examples)).tolist()],
+                        preprocess, tokenizer.pad_token_id, num_positions)
+        lr = lr_at(config, step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        outputs = model(batch["images"], batch["image_mask"], batch["input_ids"], batch["attention_mask"])
+        losses = criterion(outputs, batch["targets"], batch["attention_mask"].bool())
+        loss = criterion.weighted_total(losses)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+        step += 1
+        bar.update(1)
+        for key in ("loss_ce", "loss_bbox", "loss_giou", "loss_contrastive_align"):
+            if key in losses:
+                running[key] = running.get(key, 0.0) + losses[key].item() / config.log_every
+        running["loss"] = running.get("loss", 0.0) + loss.item() / config.log_every
+        if step % config.log_every == 0:
+            now = time.time()
+            _log(out, {"step": step, "lr": lr, "images_per_s": round(config.log_every * config.batch_size
+                                                                    / (now - tick), 1),
+                       **{k: round(v, 4) for k, v in running.items()}})
+            bar.set_postfix(loss=f"{running['loss']:.3f}")
+            running, tick = {}, now
+        if step % config.checkpoint_every == 0 or step == config.steps:
+            _save_checkpoint(out, config, model, optimizer, step)
+        if step % config.eval_every == 0 or step == config.steps:
+            _log(out, {"step": step, "eval": _held_out_eval(model, tokenizer, preprocess, val_samples)})
+            tick = time.time()
+    bar.close()
+
+    final = _held_out_eval(model, tokenizer, preprocess, val_samples)
+    model.config = model_config(config, len(tokenizer), aux_loss=False)
+    save_mdetr(model, model.config, str(out), metadata={"trained_by": "sga teacher train", "steps": step})
+    write_teacher_json(out, preprocess, {"train_config": config.identity(), "held_out": final,
+                                         "parameters": sum(p.numel() for p in model.parameters())})
+    return {"out": str(out), "steps": step, "train_images": len(examples), "val_images": len(val_samples),
+            **{f"val_{k}": v for k, v in final.items() if k.startswith(("recall", "nonvisible_no"))}}
+
