@@ -133,84 +133,87 @@ class Collator:
         cfg = self.config
         counts = [min(len(s["boxes"]), cfg.max_regions) for s in samples]
         B, V = len(samples), max(counts) + 1
-        feats = torch.zeros(B, V, cfg.feature_dim)
-        boxes = torch.zeros(B, V, 4)
-        boxes[:, 0] = torch.tensor(IMAGE_BOX)
-        region_mask = torch.zeros(B, V, dtype=torch.bool)
-        region_mask[:, 0] = True
-        mrc_mask = torch.zeros(B, V, dtype=torch.bool)
-        targets = torch.zeros(B, V, cfg.num_classes)
+        # Gather into padded numpy arrays first: one torch conversion per batch, not per sample.
+        feats = np.zeros((B, V, cfg.feature_dim), np.float32)
+        pixels = np.zeros((B, V, 4), np.float32)
+        probs = np.zeros((B, V, cfg.num_classes), np.float32)
         for b, (s, r) in enumerate(zip(samples, counts)):
             if r == 0:
                 continue
-            f = torch.from_numpy(np.asarray(s["features"][:r], dtype=np.float32))
-            if f.shape[1] != cfg.feature_dim:
-                raise SgaError(f"sample {s['key']}: features have dim {f.shape[1]} but the student's "
-                               f"feature_dim is {cfg.feature_dim}; build its config from this region set")
-            px = torch.from_numpy(np.asarray(s["boxes"][:r], dtype=np.float32))
-            boxes[b, 1:r + 1] = normalize_boxes(px, s["image_w"], s["image_h"])
-            region_mask[b, 1:r + 1] = True
-            masked = torch.rand(r, generator=generator) < cfg.mrc_prob
+            if s["features"].shape[1] != cfg.feature_dim:
+                raise SgaError(f"sample {s['key']}: features have dim {s['features'].shape[1]} but the "
+                               f"student's feature_dim is {cfg.feature_dim}; build its config from this "
+                               "region set")
+            feats[b, 1:r + 1] = s["features"][:r]
+            pixels[b, 1:r + 1] = s["boxes"][:r]
             if s["cls_prob"] is not None:
-                prob = torch.from_numpy(np.asarray(s["cls_prob"][:r], dtype=np.float32))
-                total = prob.sum(1, keepdim=True)
-                # Only rows that are a distribution can be KL targets; renormalise float16 rounding away.
-                masked &= total.squeeze(1) > 0
-                targets[b, 1:r + 1] = torch.where(masked[:, None], prob / total.clamp(min=1e-12), 0.0)
-                mrc_mask[b, 1:r + 1] = masked
-            kept = ~masked
-            if kept.any():
-                feats[b, 0] = f[kept].mean(0)
-            feats[b, 1:r + 1] = torch.where(masked[:, None], 0.0, f)
+                probs[b, 1:r + 1] = s["cls_prob"][:r]
+        feats, probs = torch.from_numpy(feats), torch.from_numpy(probs)
+        sizes = torch.tensor([[s["image_w"], s["image_h"]] for s in samples], dtype=torch.float32)
+        boxes = normalize_boxes(torch.from_numpy(pixels), sizes[:, :1], sizes[:, 1:])
+        boxes[:, 0] = torch.tensor(IMAGE_BOX)
+        real = torch.arange(V)[None, :] <= torch.tensor(counts)[:, None]
+        real[:, 0] = False                                                   # [IMG] is not a region
+        total = probs.sum(-1, keepdim=True)
+        # Only rows that are a distribution can be KL targets (none without cls_prob); renormalising
+        # removes float16 rounding.
+        masked = real & (torch.rand(B, V, generator=generator) < cfg.mrc_prob) & (total[..., 0] > 0)
+        targets = torch.where(masked[..., None], probs / total.clamp(min=1e-12), 0.0)
+        kept = (real & ~masked).unsqueeze(-1)
+        # [IMG] is the mean of the regions the model still sees, so it cannot leak a masked feature.
+        feats[:, 0] = (feats * kept).sum(1) / kept.sum(1).clamp(min=1)
+        feats = torch.where(masked[..., None], 0.0, feats)
+        region_mask = real.clone()
+        region_mask[:, 0] = True
         return {"region_features": feats, "region_boxes": boxes, "region_mask": region_mask,
-                "mrc_mask": mrc_mask, "mrc_targets": targets, "region_count": torch.tensor(counts)}
+                "mrc_mask": masked, "mrc_targets": targets, "region_count": torch.tensor(counts)}
 
     # stage 5+6: phrases and grounding pairs ----------------------------------------------------------
     def _phrases(self, spans: list[list], aligns: list[np.ndarray], offsets: torch.Tensor,
                  region_count: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        starts, ends = offsets[..., 0], offsets[..., 1]
-        token_sets: list[list[torch.Tensor]] = []
-        rows: list[np.ndarray] = []          # M rows of the kept phrases, truncated to the kept regions
-        owner: list[tuple[int, int]] = []    # (sample, phrase slot) of each kept phrase
+        B, L = offsets.shape[:2]
+        P, R = max(len(s) for s in spans), int(region_count.max())
+        span = torch.zeros(B, P, 2, dtype=torch.long)
+        given = torch.zeros(B, P, dtype=torch.bool)
+        align = torch.zeros(B, P, R, dtype=torch.bool)
         for b, sample_spans in enumerate(spans):
-            kept = []
-            for p, (start, end) in enumerate(sample_spans):
-                # A wordpiece belongs to a phrase when their character ranges overlap.
-                inside = (ends[b] > start) & (starts[b] < end) & (ends[b] > starts[b])
-                if inside.any():
-                    owner.append((b, len(kept)))
-                    kept.append(inside.nonzero().flatten())
-                    rows.append(np.asarray(aligns[b][p], dtype=bool)[: int(region_count[b])])
-            token_sets.append(kept)
-
-        B = len(spans)
-        P = max((len(k) for k in token_sets), default=0)
-        T = max((len(t) for k in token_sets for t in k), default=1)
-        phrase_tokens = torch.zeros(B, P, T, dtype=torch.long)
-        phrase_token_mask = torch.zeros(B, P, T, dtype=torch.bool)
-        for b, kept in enumerate(token_sets):
-            for p, tokens in enumerate(kept):
-                phrase_tokens[b, p, : len(tokens)] = tokens
-                phrase_token_mask[b, p, : len(tokens)] = True
-        out = {"phrase_tokens": phrase_tokens, "phrase_token_mask": phrase_token_mask,
-               "phrase_mask": phrase_token_mask.any(-1)}
-        out.update(self._pairs(rows, owner, region_count, generator))
+            if sample_spans:
+                n, r = len(sample_spans), int(region_count[b])
+                span[b, :n] = torch.tensor(sample_spans, dtype=torch.long).reshape(n, 2)
+                given[b, :n] = True
+                align[b, :n, :r] = torch.from_numpy(np.asarray(aligns[b], dtype=bool)[:, :r])
+        starts, ends = offsets[..., 0].unsqueeze(1), offsets[..., 1].unsqueeze(1)     # [B, 1, L]
+        # A wordpiece belongs to a phrase when their character ranges overlap.
+        inside = ((ends > span[..., :1]) & (starts < span[..., 1:]) & (ends > starts)
+                  & given.unsqueeze(-1))                                             # [B, P, L]
+        kept = inside.any(-1)
+        # Compact each row: kept phrases first, in caption order; phrases lost to truncation go.
+        order = torch.argsort((~kept).to(torch.uint8), dim=1, stable=True)
+        P = int(kept.sum(1).max()) if kept.numel() else 0
+        order = order[:, :P]
+        kept = kept.gather(1, order)
+        inside = inside.gather(1, order[..., None].expand(-1, -1, L))
+        align = align.gather(1, order[..., None].expand(-1, -1, R))
+        lengths = inside.sum(-1)
+        T = max(1, int(lengths.max())) if lengths.numel() else 1
+        positions = torch.where(inside, torch.arange(L), L).sort(-1).values[..., :T]
+        token_mask = torch.arange(T) < lengths.unsqueeze(-1)
+        out = {"phrase_tokens": torch.where(token_mask, positions, 0), "phrase_token_mask": token_mask,
+               "phrase_mask": kept}
+        out.update(self._pairs(align, kept, region_count, generator))
         return out
 
-    def _pairs(self, rows: list[np.ndarray], owner: list[tuple[int, int]], region_count: torch.Tensor,
+    def _pairs(self, align: torch.Tensor, kept: torch.Tensor, region_count: torch.Tensor,
                generator: torch.Generator) -> dict[str, torch.Tensor]:
-        empty = torch.zeros(0, dtype=torch.long)
-        if not self.use_gnd or not rows:
+        """Sample pairs over the kept phrases; ``align`` is ``[B, P, R]`` M, ``kept`` ``[B, P]``."""
+        owners = kept.nonzero()                                          # [Q, 2]: (sample, phrase slot)
+        if not self.use_gnd or len(owners) == 0:
+            empty = torch.zeros(0, dtype=torch.long)
             return {"gnd_batch": empty, "gnd_phrase": empty, "gnd_region": empty,
                     "gnd_label": torch.zeros(0)}
-        width = int(region_count.max())
-        align = torch.zeros(len(rows), width, dtype=torch.bool)
-        valid = torch.zeros(len(rows), width, dtype=torch.bool)
-        for i, row in enumerate(rows):
-            align[i, : len(row)] = torch.from_numpy(row)
-            valid[i, : int(region_count[owner[i][0]])] = True
-        phrase, region, label = sample_pairs(align, valid, self.config.gnd_pairs_per_phrase,
+        rows = align[kept]                                               # [Q, R]
+        valid = torch.arange(rows.shape[1]) < region_count[owners[:, 0]].unsqueeze(1)
+        phrase, region, label = sample_pairs(rows, valid, self.config.gnd_pairs_per_phrase,
                                              self.config.gnd_pos_fraction, generator)
-        owners = torch.tensor(owner, dtype=torch.long).reshape(-1, 2)
         return {"gnd_batch": owners[phrase, 0], "gnd_phrase": owners[phrase, 1],
                 "gnd_region": region + 1, "gnd_label": label.float()}
