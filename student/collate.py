@@ -26,11 +26,12 @@ key                           shape / dtype           meaning
 ``mrc_mask``                  [B, V] bool             masked regions with a detector distribution
 ``mrc_targets``               [B, V, C] float32       detector cls_prob rows (sum 1) at ``mrc_mask``, else 0
 ``itm_label``                 [B] float32             1 = the caption belongs to the image, 0 = swapped
-``phrase_tokens``             [B, P, T] long          text positions of each phrase's wordpieces (0-padded)
+``phrase_tokens``             [B, P, T] long          text positions of each kept phrase's wordpieces, in
+                                                      caption order (0-padded; slots past the kept ones empty)
 ``phrase_token_mask``         [B, P, T] bool          real entries of ``phrase_tokens``
 ``phrase_mask``               [B, P] bool             real phrases (none on swapped captions)
 ``gnd_batch``                 [N] long                sample of each sampled (region, phrase) pair
-``gnd_phrase``                [N] long                phrase index into P
+``gnd_phrase``                [N] long                phrase slot into P
 ``gnd_region``                [N] long                visual-token index into V (>= 1: never [IMG])
 ``gnd_label``                 [N] float32             the pseudo label M* of the pair
 ============================  ======================  ========================================================
@@ -39,7 +40,9 @@ Choices: masked regions lose their features but keep their boxes (ViLBERT) and s
 [IMG] averages only unmasked regions so it cannot leak a masked feature. A swapped caption brings no
 phrases, because the other image's pseudo labels say nothing about this image. Phrases whose wordpieces
 were all truncated away are dropped with their row of M. MLM and MRC are applied to every sample; the
-criterion counts them only on matched pairs.
+criterion counts them only on matched pairs. A loss missing from ``config.losses`` also switches off its
+input corruption (no MLM masking without ``mlm``, no region masking without ``mrc``, no swaps without
+``itm``) and its targets (no pairs without ``gnd``).
 """
 
 from __future__ import annotations
@@ -70,7 +73,12 @@ class Collator:
         special = set(tokenizer.all_special_ids)
         # MLM's random replacements are ordinary wordpieces, never [PAD]/[CLS]/[SEP]/[MASK]/[UNK].
         self.random_ids = torch.tensor([i for i in range(len(tokenizer)) if i not in special])
-        self.special_ids = torch.tensor(sorted(special))
+        # Any wordpiece of the caption may be an MLM target ([UNK] too, as in BERT); the frame may not.
+        self.frame_ids = torch.tensor([tokenizer.cls_token_id, tokenizer.sep_token_id,
+                                       tokenizer.pad_token_id])
+        # A disabled loss also disables its corruption: masking without a target only hides input.
+        self.mlm_prob = config.mlm_prob if "mlm" in config.losses else 0.0
+        self.mrc_prob = config.mrc_prob if "mrc" in config.losses else 0.0
         self.use_itm = "itm" in config.losses
         self.use_gnd = "gnd" in config.losses
 
@@ -114,9 +122,9 @@ class Collator:
                              return_offsets_mapping=True, return_tensors="pt")
         ids = enc["input_ids"].long()
         attention = enc["attention_mask"].bool()
-        candidates = attention & ~torch.isin(ids, self.special_ids)
+        candidates = attention & ~torch.isin(ids, self.frame_ids)
         cfg = self.config
-        chosen = candidates & (torch.rand(ids.shape, generator=generator) < cfg.mlm_prob)
+        chosen = candidates & (torch.rand(ids.shape, generator=generator) < self.mlm_prob)
         how = torch.rand(ids.shape, generator=generator)
         to_mask = chosen & (how < cfg.mlm_mask_frac)
         to_random = chosen & (how >= cfg.mlm_mask_frac) & (how < cfg.mlm_mask_frac + cfg.mlm_random_frac)
@@ -124,9 +132,8 @@ class Collator:
         labels = torch.where(chosen, ids, IGNORE_INDEX)
         corrupted = torch.where(to_mask, self.tokenizer.mask_token_id, ids)
         corrupted = torch.where(to_random, random_tok, corrupted)
-        offsets = torch.where(candidates[..., None], enc["offset_mapping"], 0)
         return {"input_ids": corrupted, "attention_mask": attention, "mlm_labels": labels,
-                "offsets": offsets}
+                "offsets": enc["offset_mapping"]}
 
     # stage 4: regions ----------------------------------------------------------------------------------
     def _regions(self, samples: list[dict], generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -157,7 +164,7 @@ class Collator:
         total = probs.sum(-1, keepdim=True)
         # Only rows that are a distribution can be KL targets (none without cls_prob); renormalising
         # removes float16 rounding.
-        masked = real & (torch.rand(B, V, generator=generator) < cfg.mrc_prob) & (total[..., 0] > 0)
+        masked = real & (torch.rand(B, V, generator=generator) < self.mrc_prob) & (total[..., 0] > 0)
         targets = torch.where(masked[..., None], probs / total.clamp(min=1e-12), 0.0)
         kept = (real & ~masked).unsqueeze(-1)
         # [IMG] is the mean of the regions the model still sees, so it cannot leak a masked feature.
@@ -183,7 +190,8 @@ class Collator:
                 given[b, :n] = True
                 align[b, :n, :r] = torch.from_numpy(np.asarray(aligns[b], dtype=bool)[:, :r])
         starts, ends = offsets[..., 0].unsqueeze(1), offsets[..., 1].unsqueeze(1)     # [B, 1, L]
-        # A wordpiece belongs to a phrase when their character ranges overlap.
+        # A wordpiece belongs to a phrase when their character ranges overlap; [CLS], [SEP] and padding
+        # have the empty range (0, 0).
         inside = ((ends > span[..., :1]) & (starts < span[..., 1:]) & (ends > starts)
                   & given.unsqueeze(-1))                                             # [B, P, L]
         kept = inside.any(-1)

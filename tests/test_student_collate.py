@@ -85,7 +85,8 @@ def test_phrases_cut_by_truncation_are_dropped_with_their_row_of_m():
 def test_mlm_selects_15_percent_of_words_and_splits_them_80_10_10():
     samples, batch, _ = make_batch(400, itm_neg_prob=0.0)
     clean = TOKENIZER([s["caption"] for s in samples], padding=True, return_tensors="pt")["input_ids"]
-    special = torch.isin(clean, torch.tensor(TOKENIZER.all_special_ids))
+    frame = [TOKENIZER.cls_token_id, TOKENIZER.sep_token_id, TOKENIZER.pad_token_id]
+    special = torch.isin(clean, torch.tensor(frame))
     chosen = batch["mlm_labels"] != IGNORE_INDEX
     assert not (chosen & special).any()
     assert torch.equal(batch["mlm_labels"][chosen], clean[chosen])
@@ -130,6 +131,12 @@ def test_samples_without_class_probabilities_get_no_region_targets():
     config = StudentConfig.tiny(vocab_size=len(TOKENIZER), feature_dim=D, num_classes=C, mrc_prob=0.5)
     batch = Collator(TOKENIZER, config)(samples, torch.Generator().manual_seed(0))
     assert not batch["mrc_mask"].any() and not batch["mrc_targets"].any()
+
+
+def test_disabled_losses_leave_their_inputs_uncorrupted():
+    _, batch, _ = make_batch(32, losses=("itm",), mlm_prob=0.5, mrc_prob=0.5)
+    assert (batch["mlm_labels"] == IGNORE_INDEX).all() and not batch["mrc_mask"].any()
+    assert len(batch["gnd_label"]) == 0 and batch["phrase_mask"].any()
 
 
 def test_itm_negatives_swap_captions_and_drop_their_phrases():
