@@ -44,7 +44,7 @@ class SetCriterion(nn.Module):
     ``outputs``: the model's dict (``pred_logits [B, Q, P]``, ``pred_boxes [B, Q, 4]``, ``proj_queries
     [B, Q, Dc]``, ``proj_tokens [B, T, Dc]``, optional ``aux_outputs``). ``targets``: per image, ``boxes
     [N, 4]`` normalised cxcywh and ``positive_map [N, P]`` (rows sum to 1, last column 0).
-    ``text_mask [B, T]`` bool, True on real tokens (needed by ``contrastive_align`` only).
+    ``text_mask [B, T]`` bool, True on real tokens (used by ``contrastive_align``; None = all real).
     """
 
     def __init__(self, matcher: HungarianMatcher, config: CriterionConfig, num_aux: int = 0):
@@ -87,7 +87,8 @@ class SetCriterion(nn.Module):
             positive[b, q] = targets[b]["positive_map"][t, :num_tokens].to(logits.device) > 0
         # A large finite value instead of -inf: rows without positives are dropped below, and -inf there
         # would still turn their (zero) gradients into NaN through logsumexp's backward.
-        logits = logits.masked_fill(~text_mask[:, None, :], _MASKED)
+        if text_mask is not None:
+            logits = logits.masked_fill(~text_mask[:, None, :].to(logits.device), _MASKED)
         pos_logits = logits.masked_fill(~positive, _MASKED)
         # -log(sum of softmax over positives) = logsumexp(all) - logsumexp(positives), rows with positives.
         query_rows = positive.any(-1)
@@ -103,9 +104,6 @@ class SetCriterion(nn.Module):
         return self._LOSS_METHODS[name](self, outputs, targets, indices, num_boxes, text_mask)
 
     def forward(self, outputs: dict, targets: list[dict], text_mask: torch.Tensor | None = None):
-        if text_mask is None:
-            text_mask = torch.ones(outputs["proj_tokens"].shape[:2], dtype=torch.bool,
-                                   device=outputs["pred_logits"].device)
         num_boxes = max(sum(len(t["boxes"]) for t in targets), 1)
         losses: dict[str, torch.Tensor] = {}
         for suffix, layer_outputs in [("", outputs)] + [
@@ -113,7 +111,7 @@ class SetCriterion(nn.Module):
             indices = self.matcher(layer_outputs, targets)
             for name in self.losses:
                 for key, value in self.get_loss(name, layer_outputs, targets, indices, num_boxes,
-                                                text_mask.bool()).items():
+                                                text_mask).items():
                     losses[key + suffix] = value
         return losses
 
