@@ -24,7 +24,7 @@ from shards.progress import progress
 from . import teacher_id
 from .labelsets import marker_totals
 from .plan import JobPlan, LabelJobConfig, check_job, plan_job
-from .worker import TeacherSpec, start_progress, start_shard_workers, start_teachers
+from .worker import LabelActors, TeacherSpec, await_teachers, await_workers, launch
 
 QUEUED_PER_WORKER = 2
 POLL_S = 0.5
@@ -94,26 +94,12 @@ def expected_samples(images: str, shards: list[str]) -> int | None:
     return total
 
 
-def start_job_teachers(config: LabelJobConfig, shards: int, prefix: str) -> tuple[list[str], list, dict]:
-    """Teacher actors sized to the cluster: names, handles, and the ``{"name", "fingerprint"}`` they share."""
+def run_shards(plan: JobPlan, config: LabelJobConfig, actors: LabelActors) -> dict[str, Any]:
+    """Label ``plan.pending`` with the job's actors; returns this run's metrics."""
     import ray
 
-    resources = ray.cluster_resources()
-    sized = size_workers(config, resources.get("CPU", 0), resources.get("GPU", 0), shards)
-    spec = TeacherSpec(config.teacher, config.teacher_device, config.score_floor, config.top_k)
-    return start_teachers(spec, sized.teachers, config.cpus_per_worker, config.gpus_per_worker, prefix)
-
-
-def run_shards(plan: JobPlan, config: LabelJobConfig, teacher_names: list[str], teachers: list,
-               prefix: str) -> dict[str, Any]:
-    """Label ``plan.pending`` with the named teacher actors on the current Ray cluster; returns metrics."""
-    import ray
-
-    resources = ray.cluster_resources()
-    sized = size_workers(config, resources.get("CPU", 0), resources.get("GPU", 0), len(plan.pending))
-    counter = start_progress(f"{prefix}-progress")
-    workers = start_shard_workers(config.phrases, teacher_names, sized.shard_workers,
-                                  config.cpus_per_shard_worker, f"{prefix}-progress")
+    await_workers(actors)
+    workers, teachers, counter = actors.workers, actors.teachers, actors.progress
     queue = deque(plan.pending)
     inflight: dict[Any, tuple[str, int]] = {}
     load = [0] * len(workers)
@@ -147,8 +133,6 @@ def run_shards(plan: JobPlan, config: LabelJobConfig, teacher_names: list[str], 
     finally:
         shard_bar.close()
         sample_bar.close()
-        for actor in [*workers, counter]:
-            ray.kill(actor)
     samples = sum(s["samples"] for s in done_stats)
     # A restarted teacher starts counting from zero again: clamp so it never subtracts.
     busy = sum(max(a["busy_s"] - (b["busy_s"] if a["pid"] == b["pid"] else 0), 0)
@@ -201,16 +185,21 @@ def run_label_job(config: LabelJobConfig) -> dict[str, Any]:
     if plan is not None and not plan.pending:
         return summarise(plan, idle, start)
     with ray_session(config):
+        import ray
+
+        resources = ray.cluster_resources()
+        sized = size_workers(config, resources.get("CPU", 0), resources.get("GPU", 0),
+                             len(plan.pending if plan is not None else checked.shards))
+        spec = TeacherSpec(config.teacher, config.teacher_device, config.score_floor, config.top_k)
         prefix = f"sga-label-{uuid.uuid4().hex[:8]}"
-        names, teachers, ident = start_job_teachers(config, len(checked.shards), prefix)
+        actors = launch(spec, config.phrases, sized.teachers, config.cpus_per_worker, config.gpus_per_worker,
+                        sized.shard_workers, config.cpus_per_shard_worker, prefix)
         try:
+            ident = await_teachers(actors, spec)
             teacher_id.record(config.out, key, ident["name"], ident["fingerprint"])
             if known != ident:
                 plan = plan_job(config, checked, ident["name"], ident["fingerprint"])
-            run = run_shards(plan, config, names, teachers, prefix) if plan.pending else idle
+            run = run_shards(plan, config, actors) if plan.pending else idle
         finally:
-            import ray
-
-            for actor in teachers:
-                ray.kill(actor)
+            actors.kill()
     return summarise(plan, run, start)

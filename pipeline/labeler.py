@@ -19,6 +19,7 @@ actors, and tests run it in-process with :class:`LocalTeacherClient`.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -40,9 +41,10 @@ from .validate import ValidationConfig, check_caption, check_image, check_region
 
 
 class TeacherClient(Protocol):
-    """Where batches go: ``submit`` hands one over and returns a token, ``collect`` waits for its answer
-    (``[sample][phrase] -> PhraseBoxes``) or raises the teacher's error. ``local_cpu_s`` is teacher CPU
-    time spent in the calling thread (0 when the teacher runs elsewhere)."""
+    """Where batches of ``(image, caption, spans)`` tuples go: ``submit`` hands one over and returns a
+    token, ``collect`` waits for its answer (``[sample][phrase] -> (boxes, scores)``, see
+    :func:`ground_plain`) or raises the teacher's error. ``local_cpu_s`` is teacher CPU time spent in the
+    calling thread (0 when the teacher runs elsewhere)."""
 
     local_cpu_s: float
 
@@ -64,7 +66,7 @@ class LocalTeacherClient:
     def collect(self, token: Any) -> list[list]:
         start = time.thread_time()
         try:
-            return self.teacher.ground(token)
+            return ground_plain(self.teacher, token)
         finally:
             self.local_cpu_s += time.thread_time() - start
 
@@ -107,8 +109,9 @@ class _ShardRun:
     """State of one shard being labelled (see :func:`label_shard`)."""
 
     def __init__(self, task: ShardTask, shard: str, extractor: PhraseExtractor, client: TeacherClient,
-                 on_progress: Callable[[int], None] | None):
-        self.task, self.shard, self.client = task, shard, client
+                 on_progress: Callable[[int], None] | None, stack: contextlib.ExitStack):
+        self.task, self.shard, self.client, self.stack = task, shard, client, stack
+        self.writer: LabelShardWriter | None = None
         self.cache = PhraseCache(task.labels_root, shard, extractor)
         gt_file = fs.join(task.gt_uri, f"{shard}.parquet") if task.gt_uri else None
         self.truth = read_ground_truth(task.gt_uri, shard) if gt_file and fs.exists(gt_file) else None
@@ -119,6 +122,14 @@ class _ShardRun:
                                      "tp", "fp", "fn"), 0)
         self.teacher_wait = 0.0
         self._unreported = 0
+
+    def write(self, rec: LabelRecord) -> None:
+        """Append to the shard's label tar, opened on the first labelled sample: a shard without any has
+        no tar (a tar holding only the provenance header is not readable as an empty shard everywhere)."""
+        if self.writer is None:
+            self.writer = self.stack.enter_context(LabelShardWriter(self.task.labelset_uri, self.shard,
+                                                                    self.task.info))
+        self.writer.write(rec)
 
     def error(self, index: int, err: SampleError) -> None:
         self.rows.append((index, ManifestRow(err.key, self.shard, ERROR, err.stage, err.reason)))
@@ -135,13 +146,13 @@ class _ShardRun:
                                 self.task.feature_dim, cfg)
         return _Sample(index, item.key, caption, pixels, regions)
 
-    def submit(self, batch: list[_Sample], writer: LabelShardWriter) -> None:
+    def submit(self, batch: list[_Sample]) -> None:
         for sample, spans in zip(batch, self.cache.get([(s.key, s.caption) for s in batch])):
             sample.spans = spans
         inputs = _inputs([s for s in batch if s.spans])
         self.pending.append((self.client.submit(inputs) if inputs else None, batch))
         while len(self.pending) > self.task.max_inflight:
-            self.finish(*self.pending.popleft(), writer)
+            self.finish(*self.pending.popleft())
 
     def ground(self, token: Any, grounded: list[_Sample]) -> list[list | SampleError]:
         """The teacher's answer per grounded sample; on a failed batch, each sample alone, so one bad sample
@@ -159,7 +170,7 @@ class _ShardRun:
         self.teacher_wait += time.perf_counter() - start
         return answers
 
-    def finish(self, token: Any, batch: list[_Sample], writer: LabelShardWriter) -> None:
+    def finish(self, token: Any, batch: list[_Sample]) -> None:
         grounded = [s for s in batch if s.spans]
         answers = iter(self.ground(token, grounded) if token is not None else [])
         info = self.task.info
@@ -174,7 +185,7 @@ class _ShardRun:
             align = alignment_matrix(phrases, s.regions.boxes, info.score_threshold, info.iou_threshold)
             rec = LabelRecord(s.key, s.caption, w, h, s.regions.num_boxes, phrases, align)
             try:
-                writer.write(rec)
+                self.write(rec)
             except SampleError as err:
                 self.error(s.index, err)
                 continue
@@ -198,10 +209,22 @@ class _ShardRun:
         self._unreported = 0
 
 
-def _inputs(samples: Sequence[_Sample]) -> list:
+def _inputs(samples: Sequence[_Sample]) -> list[tuple]:
+    """``(image, caption, spans)`` per sample: the fields of ``teacher.base.GroundingInput``, which the
+    client builds where the teacher runs (so this side never imports the teacher package)."""
+    return [(s.image, s.caption, list(s.spans)) for s in samples]
+
+
+def ground_plain(teacher, batch: Sequence[tuple]) -> list[list[tuple[np.ndarray, np.ndarray]]]:
+    """``teacher.ground`` on ``(image, caption, spans)`` tuples, answering ``(boxes, scores)`` tuples.
+
+    Only plain tuples and arrays cross between the labeler and the teacher, so the labeling side never
+    imports (or unpickles objects of) the teacher package and its model libraries.
+    """
     from teacher.base import GroundingInput
 
-    return [GroundingInput(s.image, s.caption, list(s.spans)) for s in samples]
+    answers = teacher.ground([GroundingInput(image, caption, spans) for image, caption, spans in batch])
+    return [[(pb.boxes, pb.scores) for pb in sample] for sample in answers]
 
 
 def _checked(answers: list[list], samples: Sequence[_Sample]) -> list[list]:
@@ -222,9 +245,9 @@ def label_shard(task: ShardTask, shard: str, extractor: PhraseExtractor, client:
     teacher failed on every one of at least two samples.
     """
     start, cpu_start, local_start = time.perf_counter(), time.thread_time(), client.local_cpu_s
-    run = _ShardRun(task, shard, extractor, client, on_progress)
     fs.makedirs(task.labelset_uri)
-    with LabelShardWriter(task.labelset_uri, shard, task.info) as writer:
+    with contextlib.ExitStack() as stack:
+        run = _ShardRun(task, shard, extractor, client, on_progress, stack)
         batch: list[_Sample] = []
         for index, item in enumerate(iter_shard(task.images_uri, task.regions_uri, shard)):
             try:
@@ -233,16 +256,19 @@ def label_shard(task: ShardTask, shard: str, extractor: PhraseExtractor, client:
                 run.error(index, err)
                 continue
             if len(batch) == task.batch_size:
-                run.submit(batch, writer)
+                run.submit(batch)
                 batch = []
         if batch:
-            run.submit(batch, writer)
+            run.submit(batch)
         while run.pending:
-            run.finish(*run.pending.popleft(), writer)
+            run.finish(*run.pending.popleft())
         failed, tried = run.counts["teacher_errors"], run.counts["teacher_errors"] + run.counts["grounded"]
         if tried >= 2 and failed == tried:
             raise TeacherFailure(f"shard {shard}: the teacher failed on all {tried} samples it was given; "
                                  "check the teacher (see the manifest-less shard's worker log) and rerun")
+    tar_uri = fs.join(task.labelset_uri, f"{shard}.tar")
+    if run.writer is None:
+        fs.remove(tar_uri)  # a stale tar of an earlier, interrupted run must not outlive this manifest
     run.report(0)
     run.cache.save()
     rows = [row for _, row in sorted(run.rows, key=lambda r: r[0])]
@@ -251,11 +277,12 @@ def label_shard(task: ShardTask, shard: str, extractor: PhraseExtractor, client:
     for row in rows:
         if row.status == ERROR:
             stages[row.stage] = stages.get(row.stage, 0) + 1
-    label_fs, label_path = fs.resolve(writer.uri)
+    label_fs, label_path = fs.resolve(tar_uri)
+    label_bytes = label_fs.get_file_info(label_path).size if run.writer is not None else 0
     stats = {
         "labelset_id": task.info.labelset_id, "shard": shard, "samples": len(rows),
         "ok": sum(r.status == OK for r in rows), "errors": sum(stages.values()), "error_stages": stages,
-        **run.counts, "scored": run.truth is not None, "label_bytes": label_fs.get_file_info(label_path).size,
+        **run.counts, "scored": run.truth is not None, "label_bytes": label_bytes,
         "phrase_cache_hits": run.cache.hits, "phrase_cache_misses": run.cache.misses,
         "seconds": time.perf_counter() - start, "teacher_wait_s": run.teacher_wait,
         "prep_cpu_s": time.thread_time() - cpu_start - (client.local_cpu_s - local_start),

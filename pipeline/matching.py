@@ -21,17 +21,18 @@ from shards.labels import PhraseLabel
 Span = tuple[int, int]
 
 
-def phrase_labels(caption: str, spans: Sequence[Span], grounded: Sequence, image_w: int, image_h: int,
-                  score_floor: float, top_k: int) -> list[PhraseLabel]:
-    """One :class:`PhraseLabel` per span from the teacher's ``PhraseBoxes`` (same order as ``spans``).
+def phrase_labels(caption: str, spans: Sequence[Span], grounded: Sequence[tuple[np.ndarray, np.ndarray]],
+                  image_w: int, image_h: int, score_floor: float, top_k: int) -> list[PhraseLabel]:
+    """One :class:`PhraseLabel` per span from the teacher's ``(boxes [K, 4], scores [K])`` of that span
+    (``PhraseBoxes`` fields, same order as ``spans``).
 
     Boxes are clipped to the image; non-finite or empty boxes and scores below ``score_floor`` are dropped;
     the rest is sorted by score (stable, so ties keep the teacher's order) and cut to ``top_k``.
     """
     labels = []
-    for (start, end), pb in zip(spans, grounded, strict=True):
-        boxes = np.asarray(pb.boxes, np.float32).reshape(-1, 4)
-        scores = np.asarray(pb.scores, np.float32).reshape(-1)
+    for (start, end), (raw_boxes, raw_scores) in zip(spans, grounded, strict=True):
+        boxes = np.asarray(raw_boxes, np.float32).reshape(-1, 4)
+        scores = np.asarray(raw_scores, np.float32).reshape(-1)
         finite = np.isfinite(boxes).all(axis=1) & np.isfinite(scores)
         boxes = clip_boxes(np.where(finite[:, None], boxes, 0), image_w, image_h)
         keep = finite & (scores >= score_floor) & (box_area(boxes) > 0)

@@ -27,7 +27,7 @@ import ray
 
 from shards.errors import SgaError
 
-from .labeler import ShardTask, label_shard
+from .labeler import ShardTask, ground_plain, label_shard
 from .phrases import PhraseConfig, PhraseExtractor
 
 MAX_TASK_RETRIES = 3
@@ -71,10 +71,11 @@ class TeacherActor:
     def ready(self) -> dict[str, str]:
         return {"name": self.teacher.name, "fingerprint": self.teacher.fingerprint}
 
-    def ground(self, batch: list) -> list[list]:
+    def ground(self, batch: list[tuple]) -> list[list]:
+        """:func:`pipeline.labeler.ground_plain`: tuples in, ``(boxes, scores)`` tuples out."""
         start = time.perf_counter()
         try:
-            return self.teacher.ground(batch)
+            return ground_plain(self.teacher, batch)
         finally:
             self.busy_s += time.perf_counter() - start
             self.calls += 1
@@ -113,6 +114,9 @@ class ShardActor:
         # constructor, and plain strings, unlike handles, never depend on objects that may be gone.
         self.client = RayTeacherClient([ray.get_actor(n) for n in teacher_names], offset=index)
         self.progress = ray.get_actor(progress_name) if progress_name else None
+        # Pay one-off costs (spaCy's first batch, lazy imports) now, not inside the first shard's timing.
+        self.extractor.extract(["a warm-up caption with a noun phrase"])
+        import PIL.Image  # noqa: F401
         self.shards = 0
         self.cpu_s = 0.0
 
@@ -147,44 +151,59 @@ class ProgressActor:
         return self.done
 
 
-def start_teachers(spec: TeacherSpec, count: int, num_cpus: float, num_gpus: float,
-                   prefix: str) -> tuple[list[str], list, dict]:
-    """``count`` teacher actors named ``{prefix}-teacher-{i}`` once every one has loaded its teacher:
-    ``(names, handles, {"name", "fingerprint"})``.
+@dataclass
+class LabelActors:
+    """The actors of one job: named teachers, shard workers and the progress counter."""
+
+    teacher_names: list[str]
+    teachers: list
+    workers: list
+    progress: Any
+
+    def kill(self) -> None:
+        for actor in [*self.workers, *self.teachers, self.progress]:
+            ray.kill(actor)
+
+
+def launch(spec: TeacherSpec, phrase_config: PhraseConfig, teachers: int, teacher_cpus: float,
+           teacher_gpus: float, workers: int, worker_cpus: float, prefix: str) -> LabelActors:
+    """Create every actor of a job at once (their slow imports and model loads overlap); nothing waits.
+
+    Teachers are named ``{prefix}-teacher-{i}`` so shard workers find them by name.
+    """
+    names = [f"{prefix}-teacher-{i}" for i in range(teachers)]
+    teacher_cls = ray.remote(TeacherActor)
+    teacher_handles = [teacher_cls.options(name=n, num_cpus=teacher_cpus, num_gpus=teacher_gpus,
+                                           max_restarts=-1, max_task_retries=MAX_TASK_RETRIES)
+                       .remote(spec, teacher_cpus) for n in names]
+    progress_name = f"{prefix}-progress"
+    counter = ray.remote(ProgressActor).options(name=progress_name, num_cpus=0, max_restarts=-1,
+                                                max_task_retries=-1).remote()
+    worker_cls = ray.remote(ShardActor).options(num_cpus=worker_cpus, max_restarts=-1,
+                                                max_task_retries=MAX_TASK_RETRIES)
+    worker_handles = [worker_cls.remote(phrase_config, names, worker_cpus, i, progress_name)
+                      for i in range(workers)]
+    return LabelActors(names, teacher_handles, worker_handles, counter)
+
+
+def await_teachers(actors: LabelActors, spec: TeacherSpec) -> dict[str, str]:
+    """The ``{"name", "fingerprint"}`` every teacher actor loaded, once all have loaded.
 
     Every actor must report the same fingerprint: a node holding other weights at the same path would
     silently mix two teachers in one label set. A teacher that fails to load is an :class:`SgaError`.
     """
-    cls = ray.remote(TeacherActor)
-    names = [f"{prefix}-teacher-{i}" for i in range(count)]
-    actors = [cls.options(name=n, num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=-1,
-                          max_task_retries=MAX_TASK_RETRIES).remote(spec, num_cpus) for n in names]
     try:
-        found = ray.get([a.ready.remote() for a in actors])
+        found = ray.get([a.ready.remote() for a in actors.teachers])
     except ray.exceptions.RayError as exc:
-        for actor in actors:
-            ray.kill(actor)
         cause = getattr(exc, "cause", None) or exc
         raise SgaError(f"teacher {spec.spec!r} failed to load on a Ray worker: {cause}") from exc
-    if len({f["fingerprint"] for f in found}) > 1:
-        for actor in actors:
-            ray.kill(actor)
-        prints = sorted({f["fingerprint"] for f in found})
+    prints = sorted({f["fingerprint"] for f in found})
+    if len(prints) > 1:
         raise SgaError(f"Ray workers loaded teacher {spec.spec!r} with different fingerprints {prints}; "
                        "install the same teacher on every node")
-    return names, actors, found[0]
+    return found[0]
 
 
-def start_shard_workers(phrase_config: PhraseConfig, teacher_names: list[str], count: int, num_cpus: float,
-                        progress_name: str | None = None) -> list:
-    """``count`` shard actors, returned once every one has loaded spaCy and found its teachers."""
-    cls = ray.remote(ShardActor).options(num_cpus=num_cpus, max_restarts=-1,
-                                         max_task_retries=MAX_TASK_RETRIES)
-    actors = [cls.remote(phrase_config, teacher_names, num_cpus, i, progress_name) for i in range(count)]
-    ray.get([a.ready.remote() for a in actors])
-    return actors
-
-
-def start_progress(name: str):
-    cls = ray.remote(ProgressActor).options(name=name, num_cpus=0, max_restarts=-1, max_task_retries=-1)
-    return cls.remote()
+def await_workers(actors: LabelActors) -> None:
+    """Return once every shard worker has loaded spaCy and found its teachers."""
+    ray.get([a.ready.remote() for a in actors.workers])

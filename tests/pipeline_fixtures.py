@@ -1,0 +1,182 @@
+"""Real inputs for the pipeline tests: a generated world, a real teacher, damaged shards, and the
+exactly-once check every resume test ends with."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from shards import fs
+from shards.images import ImageShardWriter, list_image_keys, list_shards
+from shards.labels import iter_label_shard
+from shards.manifest import read_manifest, read_marker
+from shards.regions import RegionRecord, RegionShardWriter, write_regions_info
+from shards.tario import TarShardWriter
+
+
+def make_world(root: Path, samples: int, per_shard: int, seed: int = 0) -> Path:
+    """A synthetic world (no task images) under ``root``; returns its folder."""
+    from shards.synthetic.world import WorldConfig, build_world
+
+    config = WorldConfig(samples=samples, samples_per_shard=per_shard, task_samples=0, seed=seed)
+    build_world(config, str(root), show_progress=False)
+    return root
+
+
+def teacher_spec(tmp: Path, seed: int = 0) -> str:
+    """A real teacher: the bundled ``tiny`` once it ships, else a randomly initialised small MDETR folder
+    written through the teacher package's own API (``seed`` gives distinct fingerprints)."""
+    from teacher.base import TINY_DIR
+
+    if (TINY_DIR / "teacher.json").is_file() and seed == 0:
+        return "tiny"
+    import torch
+
+    from teacher.mdetr.build import build_mdetr
+    from teacher.mdetr.checkpoint import save_mdetr
+    from teacher.mdetr.configs import get_config
+    from teacher.preprocess import PreprocessConfig
+    from teacher.tokenizer import train_tokenizer
+
+    out = tmp / f"teacher-{seed}"
+    if (out / "teacher.json").is_file():
+        return str(out)
+    torch.manual_seed(seed)
+    texts = ["a small striped red circle to the left of a large blue square on a sunny day",
+             "two green triangles above a dotted yellow shape", "the artist paints a purple heart"] * 20
+    tok = train_tokenizer(texts, vocab_size=300, min_frequency=1)
+    config = get_config("tiny", text_encoder={"vocab_size": len(tok)})
+    save_mdetr(build_mdetr(config), config, str(out))
+    tok.save_pretrained(str(out / "tokenizer"))
+    pre = PreprocessConfig(short_side=64, max_size=128, size_multiple=8)
+    (out / "teacher.json").write_text(json.dumps({"format": "sga-teacher", "kind": "mdetr",
+                                                  "preprocess": pre.to_dict(), "info": {}}))
+    return str(out)
+
+
+def jpeg(w: int, h: int, colour=(200, 30, 30)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), colour).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def npy(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    return buf.getvalue()
+
+
+def region_record(key: str, w: int = 64, h: int = 48, boxes=None, dim: int = 8) -> RegionRecord:
+    boxes = np.asarray(boxes if boxes is not None else [[2, 2, 30, 30], [10, 5, 60, 45], [0, 0, 64, 48]],
+                       np.float32)
+    feats = np.full((len(boxes), dim), 0.5, np.float16)
+    return RegionRecord(key, boxes, feats, None, w, h)
+
+
+def raw_region_members(rec: RegionRecord) -> dict[str, bytes]:
+    """Region tar members written without the format's checks (to plant NaN features, bad boxes)."""
+    return {"boxes.npy": npy(rec.boxes), "features.npy": npy(rec.features),
+            "json": json.dumps({"image_w": rec.image_w, "image_h": rec.image_h,
+                                "num_boxes": len(rec.boxes)}).encode()}
+
+
+def truncate(path: Path, keep_fraction: float) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep_fraction)])
+
+
+def write_bad_input(root: Path, dim: int = 8) -> list[tuple[str, str, str | None]]:
+    """Shards ``00000`` (every kind of bad sample beside good ones), ``00001`` (a truncated image tar) and
+    ``00002`` (an unreadable shard), with matching region shards. Returns shard 00000's manifest as the job
+    must write it: ``(key, status, stage)`` in input order."""
+    images, regions = root / "images", root / "regions"
+    good = jpeg(64, 48)
+    cases = [
+        # key, caption, jpg, status, region entry (None: absent), expected status and stage
+        ("good0", "a red square next to a blue circle", good, "success", "rec", "ok", None),
+        ("nophrase", "so beautiful", good, "success", "rec", "ok", None),
+        ("failed", "a dog", None, "failed_to_download", None, "error", "image"),
+        ("corrupt", "a red square", b"\xff\xd8\xff\xe0 not a jpeg", "success", "rec", "error", "image"),
+        ("empty", "", good, "success", "rec", "error", "caption"),
+        ("blank", "   \n", good, "success", "rec", "error", "caption"),
+        ("overlong", "a red square " * 200, good, "success", "rec", "error", "caption"),
+        ("badutf8", "placeholder", good, "success", "rec", "error", "caption"),
+        ("noregions", "a red square", good, "success", None, "error", "regions"),
+        ("nanfeat", "a red square", good, "success", "nan", "error", "regions"),
+        ("degenerate", "a red square", good, "success", "degenerate", "error", "regions"),
+        ("outside", "a red square", good, "success", "outside", "error", "regions"),
+        ("sizediff", "a red square", jpeg(32, 32), "success", "rec", "error", "regions"),
+        ("good1", "the small green triangle", good, "success", "rec", "ok", None),
+        # The first key again: img2dataset never does this, a merged or hand-edited shard might.
+        ("good0", "a blue circle", good, "success", None, "error", "read"),
+    ]
+    region_members: list[tuple[str, dict[str, bytes]]] = []
+    with ImageShardWriter(str(images), "00000") as w:
+        for key, caption, data, status, region, _, _ in cases:
+            meta = {"width": 64, "height": 48} if data is not None else {}
+            w.write(key, caption, data, meta, status, None if data is not None else "HTTP Error 404")
+            boxes = {"degenerate": [[5, 5, 5, 20]], "outside": [[0, 0, 500, 40]]}.get(region)
+            rec = region_record(key, boxes=boxes, dim=dim)
+            if region == "nan":
+                rec.features[1, 3] = np.nan
+            if region is not None:
+                region_members.append((key, raw_region_members(rec)))
+    # Undecodable caption bytes in the tar (the parquet row keeps its placeholder, as a broken writer might).
+    replace_member(images / "00000.tar", "badutf8.txt", b"\xff\xfe a red \xc3 square")
+    with TarShardWriter(str(regions / "00000.tar")) as t:
+        for key, members in region_members:
+            t.write(key, members)
+    # Shard 00001: 6 good samples, then the image tar is cut in half.
+    with ImageShardWriter(str(images), "00001") as w, RegionShardWriter(str(regions), "00001") as r:
+        for i in range(6):
+            key = f"trunc{i}"
+            w.write(key, f"a red square number {i}", good, {"width": 64, "height": 48})
+            r.write(region_record(key, dim=dim))
+    truncate(images / "00001.tar", 0.5)
+    # Shard 00002: garbage where the image tar should be, and no parquet.
+    (images / "00002.tar").write_bytes(b"this is not a tar file at all" * 10)
+    with RegionShardWriter(str(regions), "00002") as r:
+        r.write(region_record("lost0", dim=dim))
+    write_regions_info(str(regions), dim, 0, None, {"detector": "test"})
+    return [(key, status, stage) for key, *_, status, stage in cases]
+
+
+def replace_member(tar_path: Path, name: str, data: bytes) -> None:
+    """Rewrite a tar with member ``name``'s bytes replaced."""
+    with tarfile.open(tar_path) as tar:
+        members = [(i.name, tar.extractfile(i).read()) for i in tar.getmembers()]
+    with tarfile.open(tar_path, "w") as tar:
+        for member, payload in members:
+            payload = data if member == name else payload
+            info = tarfile.TarInfo(member)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+
+
+def assert_exactly_once(labelset: str, images: str) -> dict:
+    """Every input sample of every image shard is in the manifest exactly once, each ``ok`` sample is in
+    exactly one label tar and no ``error`` sample is; every shard has its marker; no temp file is left
+    where a reader could list it. Returns the manifest's status counts."""
+    rows = read_manifest(labelset).to_pylist()
+    expected = []
+    for shard in list_shards(images):
+        assert read_marker(labelset, shard) is not None, f"shard {shard} has no marker"
+        try:
+            expected += [(shard, k) for k in list_image_keys(images, shard)]
+        except Exception:  # an unreadable shard reports one row named after the shard
+            expected.append((shard, shard))
+    got = sorted((r["shard"], r["key"]) for r in rows)
+    assert got == sorted(expected), "manifest rows != input samples"
+    labelled: list[str] = []
+    for shard in list_shards(images):
+        if fs.exists(fs.join(labelset, f"{shard}.tar")):  # a shard without labelled samples has no tar
+            labelled += [rec.key for rec in iter_label_shard(labelset, shard)]
+    ok = sorted(r["key"] for r in rows if r["status"] == "ok")
+    assert sorted(labelled) == ok, "label tars != ok rows of the manifest"
+    assert not [n for n in fs.list_dir(labelset) if ".tmp-" in n]
+    return {"ok": len(ok), "error": len(rows) - len(ok)}

@@ -1,0 +1,172 @@
+"""The per-shard unit of work, in-process (no Ray): bad input, teacher failures, phrase cache, determinism.
+
+Everything is real: tar shards written by the shard writers (and damaged by hand), spaCy, and a real MDETR
+teacher (see ``pipeline_fixtures.teacher_spec``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+torch.set_num_threads(1)
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from pipeline_fixtures import assert_exactly_once, make_world, teacher_spec, write_bad_input  # noqa: E402
+
+from shards import fs  # noqa: E402
+from shards.labels import LabelSetInfo, iter_label_shard  # noqa: E402
+from shards.manifest import read_manifest, read_marker  # noqa: E402
+from shards.regions import read_regions_info  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    from teacher.base import load_teacher
+
+    return load_teacher(teacher_spec(tmp_path_factory.mktemp("teacher")), score_floor=0.0, top_k=5)
+
+
+@pytest.fixture(scope="module")
+def extractor():
+    from pipeline.phrases import PhraseExtractor
+
+    return PhraseExtractor()
+
+
+def make_task(images, regions, out, teacher, extractor, gt=None, threshold=0.01, **kwargs):
+    from pipeline.labeler import ShardTask
+
+    info = LabelSetInfo(teacher.name, teacher.fingerprint, extractor.extractor_id, 0.0, threshold, 0.5, 5)
+    dim = read_regions_info(str(regions))["feature_dim"]
+    return ShardTask(str(images), str(regions), str(out), info, gt_uri=gt and str(gt), feature_dim=dim,
+                     **kwargs)
+
+
+def test_every_bad_input_becomes_one_error_row_and_the_shard_goes_on(tmp_path, teacher, extractor):
+    from pipeline.labeler import LocalTeacherClient, label_shard
+
+    expected = write_bad_input(tmp_path)
+    task = make_task(tmp_path / "images", tmp_path / "regions", tmp_path / "labels", teacher, extractor,
+                     batch_size=4, max_inflight=1)
+    client = LocalTeacherClient(teacher)
+    for shard in ("00000", "00001", "00002"):
+        stats = label_shard(task, shard, extractor, client)
+        assert stats["samples"] == stats["ok"] + stats["errors"]
+
+    rows = [r for r in read_manifest(task.labelset_uri).to_pylist() if r["shard"] == "00000"]
+    assert [(r["key"], r["status"], r["stage"]) for r in rows] == expected
+    assert all(r["reason"] for r in rows if r["status"] == "error")
+    by_key = {r["key"]: r for r in rows if r["status"] == "ok"}
+    assert by_key["nophrase"]["n_phrases"] == 0 and by_key["good0"]["n_phrases"] == 2
+    assert all(r["n_regions"] == 3 for r in by_key.values())
+    reasons = {r["key"]: r["reason"] for r in rows if r["status"] == "error"}
+    assert "failed_to_download" in reasons["failed"] and "corrupt" in reasons["corrupt"]
+    assert "features" in reasons["nanfeat"] and "degenerate" in reasons["degenerate"]
+    assert "32x32" in reasons["sizediff"] and "duplicate" in reasons["good0"]
+    labelled = list(iter_label_shard(task.labelset_uri, "00000"))
+    assert [r.key for r in labelled] == ["good0", "nophrase", "good1"]
+    assert labelled[1].align.shape == (0, 3)
+    good0 = labelled[0]
+    assert [p.text for p in good0.phrases] == ["a red square", "a blue circle"]
+    assert good0.align.shape == (2, 3) and good0.align.dtype == bool
+
+    truncated = [r for r in read_manifest(task.labelset_uri).to_pylist() if r["shard"] == "00001"]
+    assert [r["key"] for r in truncated] == [f"trunc{i}" for i in range(6)]
+    assert {r["status"] for r in truncated} == {"ok", "error"}
+    assert all(r["stage"] == "read" for r in truncated if r["status"] == "error")
+    unreadable = [r for r in read_manifest(task.labelset_uri).to_pylist() if r["shard"] == "00002"]
+    assert [(r["key"], r["stage"]) for r in unreadable] == [("00002", "read")]
+    # The helper's view of "every input once" agrees, shard by shard.
+    assert_exactly_once(task.labelset_uri, str(tmp_path / "images"))
+
+
+class FailingClient:
+    """Fault injection around the real teacher: batches holding ``poison`` raise, as a crashing teacher
+    would; everything else goes to the teacher."""
+
+    def __init__(self, teacher, poison: str, everything: bool = False):
+        from pipeline.labeler import LocalTeacherClient
+
+        self.inner = LocalTeacherClient(teacher)
+        self.poison, self.everything = poison, everything
+
+    @property
+    def local_cpu_s(self):
+        return self.inner.local_cpu_s
+
+    def submit(self, batch):
+        return batch
+
+    def collect(self, token):
+        if self.everything or any(self.poison in caption for _, caption, _ in token):
+            raise RuntimeError("teacher crashed")
+        return self.inner.collect(token)
+
+
+def test_teacher_failure_costs_only_the_failing_sample(tmp_path, teacher, extractor):
+    from pipeline.labeler import TeacherFailure, label_shard
+
+    world = make_world(tmp_path / "world", samples=12, per_shard=12)
+    task = make_task(world / "images", world / "regions", tmp_path / "labels", teacher, extractor,
+                     batch_size=4)
+    from shards.images import iter_image_shard
+
+    victim = next(s for s in iter_image_shard(str(world / "images"), "00000")
+                  if s.status == "success" and s.caption and len(s.caption) > 12)
+    stats = label_shard(task, "00000", extractor, FailingClient(teacher, victim.caption))
+    rows = read_manifest(task.labelset_uri).to_pylist()
+    failed = [r for r in rows if r["stage"] == "teacher"]
+    assert [r["key"] for r in failed] == [victim.key] and "teacher crashed" in failed[0]["reason"]
+    assert stats["teacher_errors"] == 1 and stats["ok"] >= 8
+    # A teacher that fails on everything is broken, not fed bad input: nothing is committed.
+    fs.remove(str(tmp_path / "labels"))
+    with pytest.raises(TeacherFailure):
+        label_shard(task, "00000", extractor, FailingClient(teacher, "", everything=True))
+    assert read_marker(task.labelset_uri, "00000") is None
+    assert not fs.exists(fs.join(task.labelset_uri, "00000.tar"))
+
+
+def test_labels_are_deterministic_and_phrases_are_cached_across_teachers(tmp_path, teacher, extractor):
+    from pipeline.labeler import LocalTeacherClient, label_shard
+
+    world = make_world(tmp_path / "world", samples=20, per_shard=20)
+    out = tmp_path / "labels"
+    task = make_task(world / "images", world / "regions", out, teacher, extractor, gt=world / "gt",
+                     batch_size=3, max_inflight=2)
+    first = label_shard(task, "00000", extractor, LocalTeacherClient(teacher))
+    tar = fs.join(task.labelset_uri, "00000.tar")
+    before = fs.read_bytes(tar)
+    assert first["phrase_cache_misses"] == first["ok"] and first["phrase_cache_hits"] == 0
+    assert first["scored"] and first["tp"] + first["fn"] > 0
+
+    # Same inputs, same teacher, same batching: byte-identical labels, phrases from the cache.
+    again = label_shard(task, "00000", extractor, LocalTeacherClient(teacher))
+    assert fs.read_bytes(tar) == before
+    assert again["phrase_cache_hits"] == first["ok"] and again["phrase_cache_misses"] == 0
+    # Other batching: the same phrases and boxes up to the teacher's float noise from batch padding.
+    records = list(iter_label_shard(task.labelset_uri, "00000"))
+    task.batch_size, task.max_inflight = 7, 1
+    label_shard(task, "00000", extractor, LocalTeacherClient(teacher))
+    rebatched = list(iter_label_shard(task.labelset_uri, "00000"))
+    assert [(r.key, [(p.start, p.end) for p in r.phrases]) for r in records] == \
+        [(r.key, [(p.start, p.end) for p in r.phrases]) for r in rebatched]
+    for a, b in zip(records, rebatched):
+        for pa, pb in zip(a.phrases, b.phrases):
+            k = min(len(pa.scores), len(pb.scores))
+            np.testing.assert_allclose(pa.scores[:k], pb.scores[:k], atol=2e-3)
+
+    # Another label set (other thresholds) in the same output reuses the phrases too.
+    other = make_task(world / "images", world / "regions", out, teacher, extractor, threshold=0.5)
+    assert other.labelset_uri != task.labelset_uri
+    third = label_shard(other, "00000", extractor, LocalTeacherClient(teacher))
+    assert third["phrase_cache_hits"] == first["ok"]
+    assert third["positives"] <= first["positives"]
+
+    # A changed spaCy pipeline (another extractor id) never reads the old cache.
+    extractor.extractor_id += "+changed"
+    try:
+        changed = label_shard(task, "00000", extractor, LocalTeacherClient(teacher))
+    finally:
+        extractor.extractor_id = extractor.extractor_id.removesuffix("+changed")
+    assert changed["phrase_cache_hits"] == 0
