@@ -1,0 +1,164 @@
+"""Benchmark of ``sga label``: the whole job against the teacher's forward pass alone, in one run.
+
+Same samples, same teacher, same thread count for the teacher (one CPU by default):
+
+1. the teacher alone on pre-decoded batches (images decoded and phrases extracted beforehand), in this
+   process: the ceiling for the job's throughput;
+2. the whole job on a local Ray instance (a teacher actor plus a shard worker that reads, decodes, parses,
+   matches and writes), on N samples and on ``--scale`` x N samples.
+
+Printed: samples/s of both and their ratio (target >= 0.9), the non-teacher CPU cost in ms per sample per
+core (target <= 2), the job's peak memory at N and scale x N (target: flat, <= 1.2x), label bytes per sample
+(target <= 1 KB; on disk, and the JSON payload without tar headers), and the teacher's busy fraction.
+
+    .venv/bin/python benchmarks/bench_label.py --samples 250 --scale 10 --teacher tiny
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--samples", type=int, default=250, help="N (samples of the small world)")
+    p.add_argument("--scale", type=int, default=10, help="the large world has scale x N samples")
+    p.add_argument("--per-shard", type=int, default=250, help="samples per shard")
+    p.add_argument("--teacher", default="tiny")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--num-cpus", type=int, default=2, help="CPUs of the local Ray instance")
+    p.add_argument("--score-floor", type=float, default=0.05)
+    p.add_argument("--score-threshold", type=float, default=0.3)
+    p.add_argument("--workdir", help="keeps the worlds between runs (default: a temporary folder)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    return p.parse_args(argv)
+
+
+def world(root: Path, samples: int, per_shard: int) -> Path:
+    from shards.synthetic.world import WorldConfig, build_world
+
+    out = root / f"world-{samples}"
+    if not (out / "world.json").exists():
+        build_world(WorldConfig(samples=samples, samples_per_shard=per_shard, task_samples=0), str(out),
+                    show_progress=False)
+    return out
+
+
+def teacher_alone(world_dir: Path, args) -> dict:
+    """Teacher ``ground`` over every sample with phrases, decoded and parsed beforehand (1 thread)."""
+    import torch
+
+    from pipeline.labeler import ground_plain
+    from pipeline.phrases import PhraseExtractor
+    from pipeline.validate import ValidationConfig, check_caption, check_image
+    from shards.errors import SampleError
+    from shards.images import iter_image_shard, list_shards
+    from teacher.base import load_teacher
+
+    torch.set_num_threads(1)
+    teacher = load_teacher(args.teacher, score_floor=args.score_floor)
+    extractor = PhraseExtractor()
+    images = str(world_dir / "images")
+    decoded, total = [], 0
+    for shard in list_shards(images):
+        for s in iter_image_shard(images, shard):
+            total += 1
+            try:
+                caption = check_caption(s.key, s.caption, ValidationConfig())
+                decoded.append((check_image(s.key, s.status, s.jpg, s.error_message, ValidationConfig()),
+                                caption))
+            except SampleError:
+                continue
+    spans = extractor.extract([c for _, c in decoded])
+    batch = [(img, c, sp) for (img, c), sp in zip(decoded, spans) if sp]
+    ground_plain(teacher, batch[: args.batch_size])      # warm-up, as the job's actors are warm
+    start = time.perf_counter()
+    for i in range(0, len(batch), args.batch_size):
+        ground_plain(teacher, batch[i: i + args.batch_size])
+    seconds = time.perf_counter() - start
+    return {"samples": total, "grounded": len(batch), "seconds": seconds, "samples_per_s": total / seconds}
+
+
+def label_payload_bytes(labelset: str) -> tuple[int, int]:
+    """(label JSON bytes, labelled samples) over a label set's tars."""
+    from shards import fs
+    from shards.tario import iter_tar
+
+    payload = samples = 0
+    for name in fs.list_dir(labelset, ".tar"):
+        for sample in iter_tar(fs.join(labelset, name)):
+            payload += sum(len(v) for v in sample.members.values())
+            samples += 1
+    return payload, samples
+
+
+def whole_job(world_dir: Path, out: Path, args) -> dict:
+    from pipeline.job import run_label_job
+    from pipeline.plan import LabelJobConfig
+
+    config = LabelJobConfig(images=str(world_dir / "images"), regions=str(world_dir / "regions"),
+                            out=str(out), gt=str(world_dir / "gt"), teacher=args.teacher,
+                            num_cpus=args.num_cpus,
+                            batch_size=args.batch_size, score_floor=args.score_floor,
+                            score_threshold=args.score_threshold)
+    summary = run_label_job(config)
+    payload, labelled = label_payload_bytes(summary["labels"])
+    summary["payload_bytes_per_sample"] = payload / max(labelled, 1)
+    summary["driver_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return summary
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("SGA_PROGRESS", "0")
+    root = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="bench-label-"))
+    root.mkdir(parents=True, exist_ok=True)
+    small = world(root, args.samples, args.per_shard)
+    large = world(root, args.samples * args.scale, args.per_shard)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    # The teacher alone is timed before and after the jobs and the faster run kept: on a shared machine
+    # this errs towards a lower (more conservative) job-to-teacher ratio.
+    alone = teacher_alone(small, args)
+    job_n = whole_job(small, root / f"labels-{stamp}-n", args)
+    job_10n = whole_job(large, root / f"labels-{stamp}-10n", args)
+    alone = max(alone, teacher_alone(small, args), key=lambda r: r["samples_per_s"])
+
+    def peak(job):
+        return job["peak_rss_mb"]["teacher"] + job["peak_rss_mb"]["shard_worker"]
+
+    result = {
+        "teacher": job_n["teacher"], "samples": args.samples, "scale": args.scale,
+        "teacher_alone_samples_per_s": alone["samples_per_s"],
+        "job_samples_per_s": job_n["samples_per_s"],
+        "ratio_job_to_teacher": job_n["samples_per_s"] / alone["samples_per_s"],
+        "job_end_to_end_samples_per_s": job_n["samples"] / job_n["wall_s"],
+        "non_teacher_ms_per_sample_per_core": job_n["prep_ms_per_sample"],
+        "non_teacher_ms_per_sample_per_core_10n": job_10n["prep_ms_per_sample"],
+        "teacher_busy_fraction": job_n["teacher_busy_fraction"],
+        "teacher_busy_fraction_10n": job_10n["teacher_busy_fraction"],
+        "peak_rss_mb_n": peak(job_n), "peak_rss_mb_10n": peak(job_10n),
+        "peak_rss_ratio_10n_to_n": peak(job_10n) / peak(job_n),
+        "label_bytes_per_sample_on_disk": job_10n["label_bytes_per_sample"],
+        "label_payload_bytes_per_sample": job_10n["payload_bytes_per_sample"],
+        "job_10n_samples_per_s": job_10n["samples_per_s"],
+        "precision": job_10n.get("precision"), "recall": job_10n.get("recall"),
+        "cpus": args.num_cpus, "batch_size": args.batch_size, "workdir": str(root),
+    }
+    if args.json:
+        print(json.dumps(result, sort_keys=True))
+    else:
+        width = max(len(k) for k in result)
+        for key, value in result.items():
+            print(f"{key:<{width}}  {value:.4g}" if isinstance(value, float) else f"{key:<{width}}  {value}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
