@@ -15,6 +15,7 @@ state: nothing else needs saving for an exact resume.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Any
 
@@ -60,6 +61,17 @@ def model_tensors(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict
         seen[sid] = name
         tensors[name] = t.detach().to("cpu").contiguous()
     return tensors, aliases
+
+
+def weights_digest(model: torch.nn.Module) -> bytes:
+    """SHA-256 over the model's parameters and buffers (names, shapes, bytes): equal iff bitwise equal."""
+    sha = hashlib.sha256()
+    tensors, _ = model_tensors(model)
+    for name in sorted(tensors):
+        t = tensors[name]
+        sha.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        sha.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return sha.digest()
 
 
 def save_weights(uri: str, model: torch.nn.Module, metadata: dict[str, str] | None = None) -> None:

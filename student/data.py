@@ -56,6 +56,8 @@ from shards.manifest import OK, manifest_uri, read_marker
 from shards.regions import decode_regions
 from shards.tario import TarSample, iter_tar
 
+from .launch import DataConfig
+
 wds.utils.enforce_security = True  # in case webdataset was imported before the variable was set
 log = logging.getLogger(__name__)
 
@@ -64,22 +66,6 @@ MODES = ("resampled", "split")
 STAT_KEYS = ("samples", "unlabelled", "manifest_errors", "labels_without_regions", "damaged_region_shards",
              "damaged_label_shards", "bad_regions", "bad_labels", "region_count_mismatch")
 Collate = Callable[[list[dict[str, Any]], torch.Generator], dict[str, Any]]
-
-
-@dataclass
-class DataConfig:
-    """What to stream and how. ``batch_size`` is the per-rank micro-batch."""
-
-    regions: str
-    labels: str                              # a label set dir, or a root holding exactly one label set
-    batch_size: int = 32
-    workers: int = 0                         # DataLoader worker processes per rank (0: in the main process)
-    mode: str = "resampled"                  # "resampled" | "split"
-    shuffle_buffer: int = 256
-    seed: int = 0
-    score_threshold: float | None = None     # override the label set's thresholds for M (recomputed)
-    iou_threshold: float | None = None
-    samples_per_epoch: int | None = None     # default: the labelled samples of the usable shards
 
 
 @dataclass
@@ -234,11 +220,6 @@ class ShardSource:
         # Split mode: one shard order per epoch, the same on every rank and worker, then sliced.
         order = list(self.plan.shards)
         random.Random(derive_seed(ctx.seed, ctx.epoch, "split")).shuffle(order)
-        slots = ctx.world * ctx.workers
-        if len(order) < slots:
-            raise SgaError(f"split mode needs at least ranks x workers = {ctx.world} x {ctx.workers} = "
-                           f"{slots} shards, but {self.plan.labelset} has {len(order)} usable; use "
-                           "--data-mode resampled, fewer workers or more shards")
         mine = order[ctx.rank::ctx.world][ctx.worker::ctx.workers]
         while True:
             yield from mine
@@ -397,6 +378,12 @@ class StudentLoader:
 
     def __init__(self, plan: ShardPlan, cfg: DataConfig, collate: Collate, rank: int, world: int,
                  accum: int, start_step: int = 0, pin_memory: bool = False):
+        slots = world * max(1, cfg.workers)
+        if cfg.mode == "split" and len(plan.shards) < slots:
+            # A worker without shards would end its epoch at once and leave its rank short: DDP would hang.
+            raise SgaError(f"split mode needs at least ranks x workers = {world} x {max(1, cfg.workers)} = "
+                           f"{slots} shards, but {plan.labelset} has {len(plan.shards)} usable; use "
+                           "--data-mode resampled, fewer workers or more shards")
         self.plan = plan
         self.batches_per_worker, self.steps_per_epoch = epoch_geometry(
             plan.num_samples, cfg.batch_size, world, cfg.workers, accum)

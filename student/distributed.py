@@ -13,8 +13,6 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-TORCHRUN_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE")
-
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -32,11 +30,6 @@ class DistInfo:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
-
-
-def under_torchrun() -> bool:
-    """True inside a process started by torchrun (or any launcher that sets the same variables)."""
-    return all(v in os.environ for v in TORCHRUN_VARS)
 
 
 def init_distributed(device: str = "auto") -> DistInfo:
@@ -72,15 +65,6 @@ def barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
-def all_reduce_mean(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
-    """Mean of ``values`` (any shape) over ranks; the input is left unchanged."""
-    out = values.detach().clone()
-    if info.distributed:
-        dist.all_reduce(out, op=dist.ReduceOp.SUM)
-        out /= info.world_size
-    return out
-
-
 def all_reduce_sum(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
     out = values.detach().clone()
     if info.distributed:
@@ -88,10 +72,11 @@ def all_reduce_sum(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return out
 
 
-def cores_per_process(nproc: int) -> int:
-    """CPU cores this process may use when ``nproc`` processes share the machine (at least 1)."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
-    return max(1, cores // max(1, nproc))
+def all_gather_bytes(data: bytes, info: DistInfo) -> list[bytes]:
+    """Every rank's ``data`` (the same length on all ranks), in rank order."""
+    if not info.distributed:
+        return [data]
+    mine = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(info.device)
+    parts = [torch.empty_like(mine) for _ in range(info.world_size)]
+    dist.all_gather(parts, mine)
+    return [bytes(p.cpu().tolist()) for p in parts]
