@@ -20,11 +20,16 @@ def cache_root(cache: str | None = None) -> str:
     return cache or os.environ.get("SGA_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "sga")
 
 
-def embedded_default(cache: str | None = None, quiet: bool = False) -> tuple[str, str, str, str]:
-    """``(images, regions, out, gt)`` of the default world under the cache, building it if needed."""
+def embedded_default(cache: str | None = None, samples: int | None = None,
+                     quiet: bool = False) -> tuple[str, str, str, str]:
+    """``(images, regions, out, gt)`` of the default world under the cache, building it if needed.
+
+    ``samples`` asks for a corpus-only world of that size instead (no held-out task images): quick to build
+    for a first look or a test.
+    """
     from shards.synthetic.world import WorldConfig, build_world
 
-    config = WorldConfig()
+    config = WorldConfig() if samples is None else WorldConfig(samples=samples, task_samples=0)
     digest = hashlib.sha256(json.dumps(dataclasses.asdict(config), sort_keys=True).encode()).hexdigest()[:10]
     root = cache_root(cache)
     world = fs.join(root, "worlds", digest)

@@ -40,6 +40,8 @@ def _add_label(subparsers) -> None:
     io.add_argument("--out", help="folder of label sets (a label set is OUT/<labelset_id>/)")
     io.add_argument("--gt", help="ground truth GT/NNNNN.parquet (synthetic world): adds precision/recall")
     io.add_argument("--cache", help="embedded default: cache folder (default $SGA_CACHE or ~/.cache/sga)")
+    io.add_argument("--world-samples", type=int,
+                    help="embedded default: a corpus-only synthetic world of this many samples")
     t = p.add_argument_group("teacher and labels")
     t.add_argument("--teacher", default="tiny", help="teacher name or local teacher folder (default: tiny)")
     t.add_argument("--score-floor", type=float, default=0.05, help="teacher boxes below are not stored")
@@ -81,10 +83,13 @@ def _label(args: argparse.Namespace) -> dict:
         score_threshold=args.score_threshold, iou_threshold=args.iou_threshold, top_k=args.top_k,
         device=args.device, validation=ValidationConfig(max_caption_chars=args.max_caption_chars),
     )
+    if given and (args.cache or args.world_samples):
+        raise SgaError("--cache and --world-samples apply to the embedded default only; drop them or drop "
+                       "--images/--regions/--out")
     if not given:
         from .defaults import embedded_default
 
-        images, regions, out, gt = embedded_default(args.cache, quiet=args.json)
+        images, regions, out, gt = embedded_default(args.cache, args.world_samples, quiet=args.json)
         options.update(gt=args.gt or gt)
         return run_label_job(LabelJobConfig(images=images, regions=regions, out=out, **options))
     return run_label_job(LabelJobConfig(images=args.images, regions=args.regions, out=args.out, **options))
