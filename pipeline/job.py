@@ -105,9 +105,10 @@ def run_shards(plan: JobPlan, config: LabelJobConfig, actors: LabelActors) -> di
     load = [0] * len(workers)
     done_stats: list[dict] = []
     failed: dict[str, str] = {}
-    shard_bar = progress(total=len(plan.pending), desc="shards", unit="shard", position=0)
+    quiet = {} if config.show_progress else {"disable": True}
+    shard_bar = progress(total=len(plan.pending), desc="shards", unit="shard", position=0, **quiet)
     sample_bar = progress(total=expected_samples(config.images, plan.pending), desc="samples", unit="sample",
-                          position=1)
+                          position=1, **quiet)
     before = ray.get([t.stats.remote() for t in teachers])
     start = time.perf_counter()
     try:

@@ -20,6 +20,9 @@ includes precision/recall of the alignment matrix against the world's hidden gro
 
 Rerunning resumes: finished shards (by marker) are skipped. A different --teacher (or thresholds) labels
 into a new label set beside the old one; phrases are cached under OUT/_phrases and reused.
+
+On a cluster (--address), every node reads the inputs and writes OUT itself: use URIs every node can reach
+(s3://, gs://, hdfs://) or a shared file system, and install sga, spaCy and the teacher on every node.
 """
 
 LABEL_EPILOG = """\
@@ -82,6 +85,7 @@ def _label(args: argparse.Namespace) -> dict:
         batch_size=args.batch_size, max_inflight=args.max_inflight, score_floor=args.score_floor,
         score_threshold=args.score_threshold, iou_threshold=args.iou_threshold, top_k=args.top_k,
         device=args.device, validation=ValidationConfig(max_caption_chars=args.max_caption_chars),
+        show_progress=not args.json,
     )
     if given and (args.cache or args.world_samples):
         raise SgaError("--cache and --world-samples apply to the embedded default only; drop them or drop "

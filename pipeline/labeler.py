@@ -56,7 +56,7 @@ class TeacherClient(Protocol):
 
 
 class LocalTeacherClient:
-    """Runs the teacher in this thread when a batch is collected (tests, benchmarks, ``--workers 0``)."""
+    """Runs the teacher in this thread when a batch is collected (in-process use: tests, benchmarks)."""
 
     def __init__(self, teacher):
         self.teacher = teacher

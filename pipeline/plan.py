@@ -55,6 +55,7 @@ class LabelJobConfig:
     iou_threshold: float = 0.5
     top_k: int = 10
     device: str | None = None             # default: "cuda" with GPUs per worker, else "cpu"
+    show_progress: bool = True            # progress bars on stderr (off under --json)
     phrases: PhraseConfig = field(default_factory=PhraseConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
 
