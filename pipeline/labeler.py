@@ -254,9 +254,10 @@ def label_shard(task: ShardTask, shard: str, extractor: PhraseExtractor, client:
     fs.makedirs(task.labelset_uri)
     with contextlib.ExitStack() as stack:
         run = _ShardRun(task, shard, extractor, client, on_progress, stack)
-        # spaCy is ~1.5x faster per caption in batches of 64 than of 4; whole teacher batches per chunk keep
-        # the batches (and so the labels) the same whatever the chunk size.
-        chunk_size = task.batch_size * -(-PHRASE_CHUNK // task.batch_size)
+        # spaCy is ~1.5x faster per caption in batches of 64 than of 4, but the first chunk is one teacher
+        # batch, so the teacher gets work from a new shard quickly. Whole teacher batches per chunk keep the
+        # batches (and so the labels) the same whatever the chunk sizes.
+        chunk_size = task.batch_size
         chunk: list[_Sample] = []
         for index, item in enumerate(iter_shard(task.images_uri, task.regions_uri, shard)):
             try:
@@ -267,6 +268,7 @@ def label_shard(task: ShardTask, shard: str, extractor: PhraseExtractor, client:
             if len(chunk) == chunk_size:
                 run.submit(chunk)
                 chunk = []
+                chunk_size = task.batch_size * -(-PHRASE_CHUNK // task.batch_size)
         if chunk:
             run.submit(chunk)
         while run.pending:
