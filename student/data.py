@@ -24,6 +24,10 @@ the workers are rotated so the next batch comes from the worker that was next be
 
 Damaged shards and bad samples never stop training: they are skipped, logged once per shard, and counted
 in the stats dict each batch carries.
+
+Nothing here can unpickle: tars are read as raw bytes by :mod:`shards.tario` and decoded only by
+``decode_regions``/``decode_labels`` (``np.load(allow_pickle=False)``, JSON); webdataset contributes stages,
+never its decoders. Training processes also run with ``WDS_SECURE=1`` (:func:`student.train.train`).
 """
 
 from __future__ import annotations
@@ -33,15 +37,11 @@ import json
 import logging
 import math
 import multiprocessing
-import os
 import random
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
-
-# Refuse pickle/torch.load in any webdataset decoder, in this process and in the workers it starts.
-os.environ["WDS_SECURE"] = "1"
 
 import pyarrow.parquet as pq
 import torch
@@ -58,7 +58,6 @@ from shards.tario import TarSample, iter_tar
 
 from .launch import DataConfig
 
-wds.utils.enforce_security = True  # in case webdataset was imported before the variable was set
 log = logging.getLogger(__name__)
 
 MODES = ("resampled", "split")
@@ -369,6 +368,11 @@ def _worker_init(_: int) -> None:
     torch.set_num_threads(1)  # workers share the rank's cores with the training step
 
 
+def _as_is(item: Any) -> Any:
+    """The DataLoader's per-item hook: batches are final (its default would walk and convert them)."""
+    return item
+
+
 class StudentLoader:
     """Epochs of ``(batch, stats)`` for one rank: call :meth:`set_epoch` before iterating each epoch.
 
@@ -392,7 +396,7 @@ class StudentLoader:
         self.shared_epoch = SharedEpoch(self.start.epoch)
         self.stream = StudentStream(plan, cfg, collate, rank, world, self.batches_per_worker,
                                     self.shared_epoch, self.start)
-        self.loader = DataLoader(self.stream, batch_size=None, shuffle=False, num_workers=cfg.workers,
+        self.loader = DataLoader(self.stream, batch_size=None, collate_fn=_as_is, num_workers=cfg.workers,
                                  persistent_workers=cfg.workers > 0, pin_memory=pin_memory,
                                  worker_init_fn=_worker_init if cfg.workers > 0 else None)
 

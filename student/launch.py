@@ -95,7 +95,7 @@ def launch(cfg: TrainConfig, nproc: int, quiet: bool = False) -> dict[str, Any]:
     config_uri = fs.join(cfg.out, CONFIG_FILE)
     fs.write_json(config_uri, cfg.to_dict())
     threads = str(cfg.threads or cores_per_process(nproc))
-    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "WDS_SECURE": "1"}
     if quiet:
         env["SGA_PROGRESS"] = "0"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",

@@ -107,6 +107,18 @@ def _check_resume(saved: dict[str, Any], current: dict[str, Any], path: str) -> 
                        "so the data order would change; rerun with the original settings or a new --out")
 
 
+def _refuse_pickle() -> None:
+    """Make every webdataset decoder in this training process refuse pickle and ``torch.load``.
+
+    The student's own decoding never unpickles; this guards any decoder added later. It is process-wide
+    (webdataset then also refuses local paths in its own ``gopen``), so only training processes set it.
+    """
+    import webdataset
+
+    os.environ["WDS_SECURE"] = "1"
+    webdataset.utils.enforce_security = True
+
+
 def _setup_logging(rank: int) -> None:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, stream=sys.stderr,
@@ -115,6 +127,7 @@ def _setup_logging(rank: int) -> None:
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run pretraining in this process (one rank); returns rank 0's summary (other ranks: ``{"rank": r}``)."""
+    _refuse_pickle()
     info = init_distributed(cfg.device)
     _setup_logging(info.rank)
     try:
@@ -271,7 +284,8 @@ def _finish(run: _Run, cfg: TrainConfig, info: DistInfo, progress: dict[str, Any
                "total_steps": run.total_steps, "steps_per_epoch": run.loader.steps_per_epoch,
                "world_size": info.world_size, "accum": run.accum, "global_batch": cfg.global_batch,
                "shards": len(plan.shards), "left_out_shards": plan.left_out, "log_dir": run.log_dir,
-               "param_digests": digests, "checkpoint": latest_checkpoint(cfg.out), "weights": weights}
+               "param_digests": digests, "checkpoint": latest_checkpoint(cfg.out), "weights": weights,
+               "wds_secure": os.environ.get("WDS_SECURE") == "1"}
     fs.write_json(fs.join(cfg.out, SUMMARY_FILE), summary)
     return summary
 

@@ -21,14 +21,13 @@ import time
 import pytest
 import torch
 from safetensors.torch import load_file
-from student_fixtures import _captions, labels_from_world
+from student_fixtures import labels_from_world
 
 from shards.synthetic.world import WorldConfig, build_world
 from student.checkpoint import load_weights, weights_digest
 from student.config import StudentConfig
 from student.logs import read_log
 from student.model import build_model
-from student.tokenizer import train_wordpiece
 
 torch.set_num_threads(1)
 pytestmark = pytest.mark.slow
@@ -44,19 +43,17 @@ def world(tmp_path_factory):
     build_world(WorldConfig(samples=24, seed=1, samples_per_shard=8, task_samples=0), str(root / "world"),
                 show_progress=False)
     labels = labels_from_world(str(root / "world"), str(root / "labels"))
-    captions = [c for s in ("00000", "00001", "00002") for c in _captions(str(root / "world"), s).values()]
-    tokenizer = train_wordpiece(captions, root / "tokenizer", vocab_size=300)
-    return {"root": root, "regions": str(root / "world" / "regions"), "labels": labels,
-            "tokenizer": str(tokenizer)}
+    return {"root": root, "regions": str(root / "world" / "regions"), "labels": labels}
 
 
 def command(world, out, *extra):
-    # BERT's init_std 0.02 leaves the tiny model's ITM logit at chance for hundreds of steps (it is a
-    # product of two small pooled vectors); a wider init lets every term move within a short run.
+    # The shipped synthetic-world tokenizer (no --tokenizer). BERT's init_std 0.02 leaves the tiny model's
+    # ITM logit at chance for hundreds of steps (a product of two small pooled vectors); a wider init lets
+    # every term move within a short run.
     return [sys.executable, "-m", "pipeline.cli", "pretrain", "--regions", world["regions"],
             "--labels", world["labels"], "--out", str(out), "--nproc", "2", "--threads", "1",
             "--device", "cpu", "--preset", "tiny", "--model", "init_std=0.2", "--model", "dropout=0.1",
-            "--tokenizer", world["tokenizer"], "--batch-size", "4", "--global-batch", "16",
+            "--batch-size", "4", "--global-batch", "16",
             "--data-mode", "split", "--workers", "1", "--lr", "3e-3", "--warmup", "0.05",
             "--steps", str(STEPS), "--checkpoint-every", str(EVERY), "--no-tensorboard", "--json", *extra]
 
@@ -96,6 +93,7 @@ def reference(world):
 def test_ranks_hold_identical_parameters(reference):
     out, summary = reference
     assert summary["world_size"] == 2 and summary["steps"] == STEPS and summary["accum"] == 2
+    assert summary["wds_secure"]                                       # no webdataset decoder may unpickle
     digest_0, digest_1 = summary["param_digests"]
     assert digest_0 == digest_1
     # The digest is of the real weights: rank 0's exported file gives the same one.
