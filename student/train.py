@@ -107,16 +107,27 @@ def _check_resume(saved: dict[str, Any], current: dict[str, Any], path: str) -> 
                        "so the data order would change; rerun with the original settings or a new --out")
 
 
-def _refuse_pickle() -> None:
-    """Make every webdataset decoder in this training process refuse pickle and ``torch.load``.
+@contextlib.contextmanager
+def _refuse_pickle():
+    """While training, every webdataset decoder refuses pickle and ``torch.load`` (``WDS_SECURE=1``).
 
-    The student's own decoding never unpickles; this guards any decoder added later. It is process-wide
-    (webdataset then also refuses local paths in its own ``gopen``), so only training processes set it.
+    The student's own decoding never unpickles; this guards any decoder added later, in this process and
+    the loader workers it forks. The setting is process-wide (webdataset then also refuses local paths in
+    its ``gopen``), so it is restored afterwards for callers that train in-process.
     """
     import webdataset
 
+    saved = os.environ.get("WDS_SECURE"), webdataset.utils.enforce_security
     os.environ["WDS_SECURE"] = "1"
     webdataset.utils.enforce_security = True
+    try:
+        yield
+    finally:
+        if saved[0] is None:
+            os.environ.pop("WDS_SECURE", None)
+        else:
+            os.environ["WDS_SECURE"] = saved[0]
+        webdataset.utils.enforce_security = saved[1]
 
 
 def _setup_logging(rank: int) -> None:
@@ -127,19 +138,23 @@ def _setup_logging(rank: int) -> None:
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run pretraining in this process (one rank); returns rank 0's summary (other ranks: ``{"rank": r}``)."""
-    _refuse_pickle()
     info = init_distributed(cfg.device)
     _setup_logging(info.rank)
     try:
-        run = _setup(cfg, info)
-        logger = TrainLog(run.log_dir, info.is_main, run.total_steps, run.start_step, cfg.tensorboard)
-        try:
-            progress = _loop(run, cfg, info, logger)
-        finally:
-            logger.close()
-        return _finish(run, cfg, info, progress)
+        with _refuse_pickle():
+            return _train(cfg, info)
     finally:
         shutdown()
+
+
+def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
+    run = _setup(cfg, info)
+    logger = TrainLog(run.log_dir, info.is_main, run.total_steps, run.start_step, cfg.tensorboard)
+    try:
+        progress = _loop(run, cfg, info, logger)
+    finally:
+        logger.close()
+    return _finish(run, cfg, info, progress)
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""student.checkpoint: exact round trips, no pickle on disk, atomic completion, pruning and fallbacks."""
+"""student.checkpoint: exact round trips, no pickle on disk, atomic completion, pruning and fallbacks; and
+`sga pretrain` in one process: checkpoints, logs, final weights, and the guards around --resume."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import os
 import pytest
 import torch
 from safetensors.torch import load_file
+from student_fixtures import make_shards
 
 from shards import fs
 from shards.errors import SgaError
@@ -19,7 +21,11 @@ from student.checkpoint import (
     load_weights,
     save_checkpoint,
     save_weights,
+    weights_digest,
 )
+from student.config import StudentConfig
+from student.logs import read_log
+from student.model import build_model
 
 torch.set_num_threads(1)
 
@@ -135,3 +141,50 @@ def test_weights_round_trip_into_a_ddp_free_model(tmp_path):
     broken.extra = torch.nn.Linear(2, 2)
     with pytest.raises(RuntimeError, match="extra"):
         load_weights(uri, broken)                                  # strict: missing keys are an error
+
+
+def pretrain(regions, labels, out, *extra) -> int:
+    """``sga pretrain`` in this process (one rank, tiny model, a few steps)."""
+    from pipeline.cli import main
+
+    return main(["pretrain", "--regions", regions, "--labels", labels, "--out", str(out), "--nproc", "1",
+                 "--threads", "1", "--device", "cpu", "--preset", "tiny", "--batch-size", "4",
+                 "--global-batch", "8", "--workers", "0", "--steps", "3", "--checkpoint-every", "2", "--json",
+                 *extra])
+
+
+def test_pretrain_in_one_process_writes_checkpoints_logs_and_weights(tmp_path, capsys):
+    import webdataset
+
+    regions, labels = make_shards(str(tmp_path), [6, 5, 7])
+    secure_before = os.environ.get("WDS_SECURE"), webdataset.utils.enforce_security
+    assert pretrain(regions, labels, tmp_path / "run") == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["steps"] == 3 and summary["accum"] == 2 and summary["world_size"] == 1
+    assert summary["wds_secure"] and summary["data"]["samples"] >= 3 * 8
+    assert (os.environ.get("WDS_SECURE"), webdataset.utils.enforce_security) == secure_before
+    assert list_checkpoints(str(tmp_path / "run")) == [2, 3]
+    rows = read_log(str(tmp_path / "run" / "logs"))
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert {"mlm", "mrc", "itm", "gnd", "loss", "lr", "samples_per_s"} <= rows[0].keys()
+    events = os.listdir(tmp_path / "run" / "logs" / "tensorboard")
+    assert any(n.startswith("events.out.tfevents") for n in events)
+    with open(tmp_path / "run" / "student_config.json") as f:
+        model = build_model(StudentConfig.from_json(f.read()))
+    load_weights(str(tmp_path / "run" / "model.safetensors"), model)
+    assert weights_digest(model).hex()[:16] == summary["param_digests"][0]
+
+
+def test_pretrain_refuses_to_overwrite_or_to_resume_with_other_settings(tmp_path, capsys):
+    regions, labels = make_shards(str(tmp_path), [6, 5, 7])
+    out = tmp_path / "run"
+    assert pretrain(regions, labels, out) == 0
+    capsys.readouterr()
+    assert pretrain(regions, labels, out) == 2
+    assert "already holds checkpoints" in capsys.readouterr().err
+    assert pretrain(regions, labels, out, "--resume", "--seed", "1") == 2
+    assert "seed differ" in capsys.readouterr().err
+    assert pretrain(regions, labels, out, "--resume", "--steps", "5") == 0   # a longer schedule continues
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["start_step"] == 3 and summary["steps"] == 5 and summary["resumed_from"].endswith("3")
+    assert [r["step"] for r in read_log(str(out / "logs"))] == [1, 2, 3, 4, 5]
