@@ -407,12 +407,6 @@ class StudentLoader:
         return iter(self.loader)
 
 
-def build_loader(cfg: DataConfig, collate: Collate, rank: int, world: int, accum: int,
-                 start_step: int = 0, pin_memory: bool = False) -> StudentLoader:
-    """Plan the shards and build the rank's loader, positioned at optimizer step ``start_step``."""
-    return StudentLoader(plan_shards(cfg), cfg, collate, rank, world, accum, start_step, pin_memory)
-
-
 def decoded_samples(plan: ShardPlan, shards: list[str]) -> Iterator[dict[str, Any]]:
     """The decoded samples of ``shards`` in order, no shuffling or batching (for inspection and tests)."""
     stats: Counter = Counter()
