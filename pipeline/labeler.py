@@ -133,9 +133,10 @@ class _ShardRun:
                                                                     self.task.info))
         self.writer.write(rec)
 
-    def error(self, index: int, err: SampleError) -> None:
+    def error(self, index: int, err: SampleError, in_batch: bool = False) -> None:
+        """An error row; samples rejected before batching count towards progress at the next report."""
         self.rows.append((index, ManifestRow(err.key, self.shard, ERROR, err.stage, err.reason)))
-        self._unreported += 1
+        self._unreported += not in_batch
 
     def prepare(self, index: int, item: ShardItem) -> _Sample:
         if item.error is not None:
@@ -184,7 +185,7 @@ class _ShardRun:
             found = next(answers) if s.spans else []
             if isinstance(found, SampleError):
                 self.counts["teacher_errors"] += 1
-                self.error(s.index, found)
+                self.error(s.index, found, in_batch=True)
                 continue
             h, w = s.image.shape[:2]
             phrases = phrase_labels(s.caption, s.spans, found, w, h, info.score_floor, info.top_k)
@@ -193,7 +194,7 @@ class _ShardRun:
             try:
                 self.write(rec)
             except SampleError as err:
-                self.error(s.index, err)
+                self.error(s.index, err, in_batch=True)
                 continue
             positives = int(align.sum())
             self.rows.append((s.index, ManifestRow(s.key, self.shard, OK, None, None, len(phrases),

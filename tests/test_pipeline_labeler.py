@@ -51,8 +51,9 @@ def test_every_bad_input_becomes_one_error_row_and_the_shard_goes_on(tmp_path, t
                      batch_size=4, max_inflight=1)
     client = LocalTeacherClient(teacher)
     for shard in ("00000", "00001", "00002"):
-        stats = label_shard(task, shard, extractor, client)
-        assert stats["samples"] == stats["ok"] + stats["errors"]
+        progress: list[int] = []
+        stats = label_shard(task, shard, extractor, client, on_progress=progress.append)
+        assert stats["samples"] == stats["ok"] + stats["errors"] == sum(progress)
 
     rows = [r for r in read_manifest(task.labelset_uri).to_pylist() if r["shard"] == "00000"]
     assert [(r["key"], r["status"], r["stage"]) for r in rows] == expected
@@ -114,7 +115,9 @@ def test_teacher_failure_costs_only_the_failing_sample(tmp_path, teacher, extrac
 
     victim = next(s for s in iter_image_shard(str(world / "images"), "00000")
                   if s.status == "success" and s.caption and len(s.caption) > 12)
-    stats = label_shard(task, "00000", extractor, FailingClient(teacher, victim.caption))
+    progress: list[int] = []
+    stats = label_shard(task, "00000", extractor, FailingClient(teacher, victim.caption), progress.append)
+    assert sum(progress) == stats["samples"] == 12
     rows = read_manifest(task.labelset_uri).to_pylist()
     failed = [r for r in rows if r["stage"] == "teacher"]
     assert [r["key"] for r in failed] == [victim.key] and "teacher crashed" in failed[0]["reason"]
