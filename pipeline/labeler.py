@@ -37,7 +37,7 @@ from shards.regions import RegionRecord
 from .matching import phrase_labels, read_ground_truth, score_alignment
 from .phrases import PhraseCache, PhraseExtractor, Span
 from .reader import ShardItem, iter_shard
-from .validate import ValidationConfig, check_caption, check_image, check_regions
+from .validate import ValidationConfig, check_caption, check_image, check_regions, check_status
 
 PHRASE_CHUNK = 64  # samples whose captions go through spaCy together
 
@@ -143,6 +143,7 @@ class _ShardRun:
             raise item.error
         image = item.image
         cfg = self.task.validation
+        check_status(item.key, image.status, image.error_message)
         caption = check_caption(item.key, image.caption, cfg)
         pixels = check_image(item.key, image.status, image.jpg, image.error_message, cfg)
         regions = check_regions(item.key, item.regions, pixels.shape[1], pixels.shape[0],

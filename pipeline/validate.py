@@ -33,12 +33,17 @@ class ValidationConfig:
     box_tolerance: float = 1.0          # pixels a region box may poke outside the image
 
 
-def check_image(key: str, status: str, jpg: bytes | None, error_message: str | None,
-                config: ValidationConfig) -> np.ndarray:
-    """Decode an image row to ``uint8 [H, W, 3]`` RGB, or raise ``SampleError(stage="image")``."""
+def check_status(key: str, status: str, error_message: str | None) -> None:
+    """A row img2dataset did not download is an ``image`` error whatever else it holds."""
     if status != "success":
         detail = f": {error_message}" if error_message else ""
         raise SampleError(key, "image", f"status {status}{detail}")
+
+
+def check_image(key: str, status: str, jpg: bytes | None, error_message: str | None,
+                config: ValidationConfig) -> np.ndarray:
+    """Decode an image row to ``uint8 [H, W, 3]`` RGB, or raise ``SampleError(stage="image")``."""
+    check_status(key, status, error_message)
     if not jpg:
         raise SampleError(key, "image", "image bytes missing from the tar")
     try:

@@ -100,7 +100,7 @@ def write_bad_input(root: Path, dim: int = 8) -> list[tuple[str, str, str | None
         # key, caption, jpg, status, region entry (None: absent), expected status and stage
         ("good0", "a red square next to a blue circle", good, "success", "rec", "ok", None),
         ("nophrase", "so beautiful", good, "success", "rec", "ok", None),
-        ("failed", "a dog", None, "failed_to_download", None, "error", "image"),
+        ("failed", "", None, "failed_to_download", None, "error", "image"),
         ("corrupt", "a red square", b"\xff\xd8\xff\xe0 not a jpeg", "success", "rec", "error", "image"),
         ("empty", "", good, "success", "rec", "error", "caption"),
         ("blank", "   \n", good, "success", "rec", "error", "caption"),
