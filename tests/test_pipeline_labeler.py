@@ -173,3 +173,46 @@ def test_labels_are_deterministic_and_phrases_are_cached_across_teachers(tmp_pat
     finally:
         extractor.extractor_id = extractor.extractor_id.removesuffix("+changed")
     assert changed["phrase_cache_hits"] == 0
+
+
+def test_img2dataset_output_is_read_as_is(tmp_path, teacher, extractor):
+    """Shards written the way img2dataset writes them (webdataset's TarWriter, its parquet columns and
+    stats file; failures only in the parquet) label without any conversion."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import webdataset as wds
+    from pipeline_fixtures import jpeg, region_record
+
+    from pipeline.labeler import LocalTeacherClient, label_shard
+    from shards.regions import RegionShardWriter, write_regions_info
+
+    images, regions = tmp_path / "images", tmp_path / "regions"
+    images.mkdir()
+    rows = []
+    with wds.TarWriter(str(images / "00000.tar")) as sink, RegionShardWriter(str(regions), "00000") as r:
+        for i, caption in enumerate(["a red square on a table", "two blue circles", "a dog in the park"]):
+            key = f"00000{i:04d}"
+            row = {"url": f"http://x/{i}.jpg", "caption": caption, "key": key, "status": "success",
+                   "error_message": None, "width": 64, "height": 48, "original_width": 640,
+                   "original_height": 480, "exif": "{}", "sha256": f"{i:064d}"}
+            if i == 2:
+                row.update(status="failed_to_download", error_message="HTTP Error 404: Not Found",
+                           width=None, height=None, original_width=None, original_height=None)
+            else:
+                sink.write({"__key__": key, "jpg": jpeg(64, 48), "txt": caption, "json": row})
+                r.write(region_record(key))
+            rows.append(row)
+    pq.write_table(pa.Table.from_pylist(rows), images / "00000.parquet")
+    (images / "00000_stats.json").write_text(json.dumps({"count": 3, "successes": 2}))
+    write_regions_info(str(regions), 8, 0, None, {"detector": "test"})
+
+    task = make_task(images, regions, tmp_path / "labels", teacher, extractor)
+    stats = label_shard(task, "00000", extractor, LocalTeacherClient(teacher))
+    rows_out = read_manifest(task.labelset_uri).to_pylist()
+    assert [(r["key"], r["status"], r["stage"]) for r in rows_out] == [
+        ("000000000", "ok", None), ("000000001", "ok", None), ("000000002", "error", "image")]
+    assert "404" in rows_out[2]["reason"] and stats["phrases"] == 3
+    assert [p.text for p in next(iter_label_shard(task.labelset_uri, "00000")).phrases] == ["a red square",
+                                                                                            "a table"]
