@@ -23,6 +23,7 @@ import numpy as np
 
 from . import fs
 from .errors import SampleError, SgaError
+from .npy import load_npy
 from .tario import TarSample, TarShardWriter, iter_tar
 
 INFO_NAME = "regions.json"
@@ -93,7 +94,7 @@ def _npy(arr: np.ndarray) -> bytes:
 
 def _load_npy(key: str, name: str, data: bytes) -> np.ndarray:
     try:
-        return np.load(io.BytesIO(data), allow_pickle=False)
+        return load_npy(data)
     except (ValueError, OSError, EOFError) as exc:
         raise SampleError(key, READ_STAGE, f"{name} is not a plain .npy array: {exc}") from exc
 

@@ -16,7 +16,7 @@ import tarfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
-from . import fs
+from . import fs, tarparse
 from .errors import SgaError, ShardReadError
 
 KEY_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
@@ -116,25 +116,18 @@ class TarShardReader:
     def __iter__(self) -> Iterator[TarSample]:
         count = 0
         try:
-            with fs.open_input(self.uri) as stream, \
-                    tarfile.open(fileobj=stream, mode="r|*", tarinfo=_StrictTarInfo) as tar:
+            with fs.open_input(self.uri) as raw:
                 current: TarSample | None = None
-                for info in tar:
-                    self.pax_headers = dict(tar.pax_headers)
-                    if not info.isfile():
-                        continue
-                    key, ext = split_member_name(info.name)
+                for name, data in tarparse.iter_members(tarparse.open_stream(raw), self.pax_headers):
+                    key, ext = split_member_name(name)
                     if current is None or key != current.key:
-                        # A new key proves the previous sample complete: yield it before touching this
-                        # member's data, so damage here cannot cost the sample before it.
+                        # A new key proves the previous sample complete, even when this member is damaged.
                         if current is not None:
                             count += 1
                             yield current
                         current = TarSample(key, {})
-                    fobj = tar.extractfile(info)
-                    data = fobj.read() if fobj is not None else b""
-                    if len(data) != info.size:
-                        raise tarfile.ReadError(f"member {info.name} is truncated")
+                    if data is None:
+                        continue  # a truncated member: the parser raises next
                     if ext in current.members:
                         current.problems.append(f"repeated member {key}.{ext}")
                         continue
@@ -144,25 +137,8 @@ class TarShardReader:
                     yield current
         except FileNotFoundError as exc:
             raise ShardReadError(self.uri, "file not found", count) from exc
-        except (tarfile.TarError, EOFError, OSError, UnicodeDecodeError) as exc:
+        except (tarparse.TarFormatError, EOFError, OSError, ValueError) as exc:
             raise ShardReadError(self.uri, f"unreadable tar after {count} samples: {exc}", count) from exc
-
-
-class _StrictTarInfo(tarfile.TarInfo):
-    """Treat a damaged or missing member header as an error, not as the end of the archive.
-
-    tarfile's reader silently stops at a truncated or garbled header after the first member, which would
-    make a damaged shard look complete. Only the zero blocks a writer puts at the end mean "end".
-    """
-
-    @classmethod
-    def fromtarfile(cls, tarfile_):
-        try:
-            return super().fromtarfile(tarfile_)
-        except tarfile.EOFHeaderError:
-            raise
-        except tarfile.HeaderError as exc:
-            raise tarfile.ReadError(f"damaged or missing header at byte {tarfile_.offset}: {exc}") from exc
 
 
 def iter_tar(uri: str) -> Iterator[TarSample]:
@@ -172,9 +148,11 @@ def iter_tar(uri: str) -> Iterator[TarSample]:
 
 def read_pax_headers(uri: str) -> dict[str, str]:
     """The PAX global header of a shard (empty for shards written without one)."""
+    headers: dict[str, str] = {}
     try:
-        with fs.open_input(uri) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
-            tar.next()
-            return dict(tar.pax_headers)
-    except (tarfile.TarError, EOFError, OSError) as exc:
+        with fs.open_input(uri) as raw:
+            # The global header precedes the first member: stop as soon as one member is read.
+            next(tarparse.iter_members(tarparse.open_stream(raw), headers), None)
+    except (tarparse.TarFormatError, EOFError, OSError, ValueError) as exc:
         raise ShardReadError(uri, f"unreadable tar header: {exc}") from exc
+    return headers
