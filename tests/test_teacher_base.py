@@ -1,12 +1,15 @@
 """The Teacher interface: registry, preprocessing, box conversion, grounding output, teacher directories and
 the fingerprint, with a real (randomly initialised) small MDETR and a real BPE tokenizer."""
 
+import argparse
 import dataclasses
+import pathlib
 
 import numpy as np
 import pytest
 import torch
 
+from pipeline.cli import main
 from shards.errors import SgaError
 from teacher import GroundingInput, PhraseBoxes, Teacher, load_teacher, register_teacher
 from teacher.grounding import (
@@ -211,3 +214,36 @@ def test_fingerprint_changes_iff_an_input_changes(parts, teacher_dir):
     assert MDETRTeacher(edited, tokenizer, PREPROCESS, inference).fingerprint != base
     bigger = build_mdetr(dataclasses.replace(model.config, num_queries=7))
     assert MDETRTeacher(bigger, tokenizer, PREPROCESS, inference).fingerprint != base
+
+
+def test_bf16_autocast_changes_the_fingerprint_not_the_answer(parts):
+    sample = GroundingInput(_image(90, 120), "a red circle next to a blue square", [(2, 12)])
+    fp32 = _teacher(parts, score_floor=0.0, top_k=6)
+    bf16 = _teacher(parts, score_floor=0.0, top_k=6, precision="bf16")
+    assert bf16.inference.precision == "bf16" and bf16.fingerprint != fp32.fingerprint
+    a, b = fp32.ground([sample])[0][0], bf16.ground([sample])[0][0]
+    np.testing.assert_allclose(np.sort(a.scores), np.sort(b.scores), atol=0.05)
+    with pytest.raises(SgaError, match="fp16"):
+        _teacher(parts, precision="fp16")
+
+
+def test_convert_released_layout_checkpoint_to_teacher_dir(parts, tmp_path):
+    _, tokenizer = parts
+    torch.manual_seed(1)
+    model = build_mdetr("tiny")
+    torch.manual_seed(2)
+    ema = build_mdetr("tiny").state_dict()
+    args = argparse.Namespace(lr=1e-4, output_dir=pathlib.PosixPath("/runs/x"))
+    torch.save({"model": model.state_dict(), "model_ema": ema, "optimizer": {}, "epoch": 3, "args": args},
+               tmp_path / "ck.pth")
+    tokenizer.save_pretrained(str(tmp_path / "roberta"))
+    out = tmp_path / "converted"
+    code = main(["teacher", "convert", "--src", str(tmp_path / "ck.pth"), "--tokenizer",
+                 str(tmp_path / "roberta"), "--out", str(out), "--entry", "tiny", "--short-side", "64",
+                 "--max-size", "128"])
+    assert code == 0
+    teacher = load_teacher(str(out), score_floor=0.0, top_k=3)
+    assert teacher.preprocess.short_side == 64
+    assert torch.equal(teacher.model.class_embed.bias, ema["class_embed.bias"])   # EMA weights preferred
+    answer = teacher.ground([GroundingInput(_image(70, 90), "a red circle", [(2, 12)])])[0][0]
+    assert answer.boxes.shape == (3, 4)
