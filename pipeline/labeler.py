@@ -19,7 +19,6 @@ actors, and tests run it in-process with :class:`LocalTeacherClient`.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -111,9 +110,8 @@ class _ShardRun:
     """State of one shard being labelled (see :func:`label_shard`)."""
 
     def __init__(self, task: ShardTask, shard: str, extractor: PhraseExtractor, client: TeacherClient,
-                 on_progress: Callable[[int], None] | None, stack: contextlib.ExitStack):
-        self.task, self.shard, self.client, self.stack = task, shard, client, stack
-        self.writer: LabelShardWriter | None = None
+                 writer: LabelShardWriter, on_progress: Callable[[int], None] | None):
+        self.task, self.shard, self.client, self.writer = task, shard, client, writer
         self.cache = PhraseCache(task.labels_root, shard, extractor)
         gt_file = fs.join(task.gt_uri, f"{shard}.parquet") if task.gt_uri else None
         self.truth = read_ground_truth(task.gt_uri, shard) if gt_file and fs.exists(gt_file) else None
@@ -124,14 +122,6 @@ class _ShardRun:
                                      "tp", "fp", "fn"), 0)
         self.teacher_wait = 0.0
         self._unreported = 0
-
-    def write(self, rec: LabelRecord) -> None:
-        """Append to the shard's label tar, opened on the first labelled sample: a shard without any has
-        no tar (a tar holding only the provenance header is not readable as an empty shard everywhere)."""
-        if self.writer is None:
-            self.writer = self.stack.enter_context(LabelShardWriter(self.task.labelset_uri, self.shard,
-                                                                    self.task.info))
-        self.writer.write(rec)
 
     def error(self, index: int, err: SampleError, in_batch: bool = False) -> None:
         """An error row; samples rejected before batching count towards progress at the next report."""
@@ -193,7 +183,7 @@ class _ShardRun:
             align = alignment_matrix(phrases, s.regions.boxes, info.score_threshold, info.iou_threshold)
             rec = LabelRecord(s.key, s.caption, w, h, s.regions.num_boxes, phrases, align)
             try:
-                self.write(rec)
+                self.writer.write(rec)
             except SampleError as err:
                 self.error(s.index, err, in_batch=True)
                 continue
@@ -254,8 +244,8 @@ def label_shard(task: ShardTask, shard: str, extractor: PhraseExtractor, client:
     """
     start, cpu_start, local_start = time.perf_counter(), time.thread_time(), client.local_cpu_s
     fs.makedirs(task.labelset_uri)
-    with contextlib.ExitStack() as stack:
-        run = _ShardRun(task, shard, extractor, client, on_progress, stack)
+    with LabelShardWriter(task.labelset_uri, shard, task.info) as writer:
+        run = _ShardRun(task, shard, extractor, client, writer, on_progress)
         # spaCy is ~1.5x faster per caption in batches of 64 than of 4, but the first chunk is one teacher
         # batch, so the teacher gets work from a new shard quickly. Whole teacher batches per chunk keep the
         # batches (and so the labels) the same whatever the chunk sizes.
@@ -279,9 +269,6 @@ def label_shard(task: ShardTask, shard: str, extractor: PhraseExtractor, client:
         if tried >= 2 and failed == tried:
             raise TeacherFailure(f"shard {shard}: the teacher failed on all {tried} samples it was given; "
                                  "check the teacher (see the manifest-less shard's worker log) and rerun")
-    tar_uri = fs.join(task.labelset_uri, f"{shard}.tar")
-    if run.writer is None:
-        fs.remove(tar_uri)  # a stale tar of an earlier, interrupted run must not outlive this manifest
     run.report(0)
     run.cache.save()
     rows = [row for _, row in sorted(run.rows, key=lambda r: r[0])]
@@ -290,12 +277,11 @@ def label_shard(task: ShardTask, shard: str, extractor: PhraseExtractor, client:
     for row in rows:
         if row.status == ERROR:
             stages[row.stage] = stages.get(row.stage, 0) + 1
-    label_fs, label_path = fs.resolve(tar_uri)
-    label_bytes = label_fs.get_file_info(label_path).size if run.writer is not None else 0
+    label_fs, label_path = fs.resolve(writer.uri)
     stats = {
         "labelset_id": task.info.labelset_id, "shard": shard, "samples": len(rows),
         "ok": sum(r.status == OK for r in rows), "errors": sum(stages.values()), "error_stages": stages,
-        **run.counts, "scored": run.truth is not None, "label_bytes": label_bytes,
+        **run.counts, "scored": run.truth is not None, "label_bytes": label_fs.get_file_info(label_path).size,
         "phrase_cache_hits": run.cache.hits, "phrase_cache_misses": run.cache.misses,
         "seconds": time.perf_counter() - start, "teacher_wait_s": run.teacher_wait,
         "prep_cpu_s": time.thread_time() - cpu_start - (client.local_cpu_s - local_start),
