@@ -23,7 +23,7 @@ from shards.progress import progress
 
 from . import teacher_id
 from .labelsets import marker_totals
-from .plan import JobPlan, LabelJobConfig, check_job, plan_job
+from .plan import JobPlan, LabelJobConfig, check_job, clean_partial, plan_job
 from .worker import LabelActors, TeacherSpec, await_teachers, await_workers, launch
 
 QUEUED_PER_WORKER = 2
@@ -203,4 +203,5 @@ def run_label_job(config: LabelJobConfig) -> dict[str, Any]:
             run = run_shards(plan, config, actors) if plan.pending else idle
         finally:
             actors.kill()
+        clean_partial(plan.task)
     return summarise(plan, run, start)

@@ -174,6 +174,15 @@ def check_job(config: LabelJobConfig) -> CheckedInputs:
     return CheckedInputs(shards, regions_info.get("feature_dim"), extractor)
 
 
+def clean_partial(task: ShardTask) -> None:
+    """Delete what writers killed mid-write left behind (temp files, never visible to readers).
+
+    Called when a run starts and when it ends, while no writer of this label set is running.
+    """
+    fs.clean_tmp(task.labelset_uri)
+    fs.clean_tmp(fs.join(task.labels_root, CACHE_DIR, cache_slug(task.info.extractor)))
+
+
 def plan_job(config: LabelJobConfig, checked: CheckedInputs, teacher_name: str,
              teacher_fingerprint: str) -> JobPlan:
     """Open the label set of this teacher and configuration, and list the shards still to label."""
@@ -183,17 +192,15 @@ def plan_job(config: LabelJobConfig, checked: CheckedInputs, teacher_name: str,
                         top_k=config.top_k)
     uri, info = open_labelset(config.out, info)
     check_same_inputs(uri, config)
-    # Files left by writers killed mid-write are never visible to readers; drop them before new writes.
-    fs.clean_tmp(uri)
-    fs.clean_tmp(fs.join(config.out, CACHE_DIR, cache_slug(checked.extractor)))
+    task = ShardTask(images_uri=config.images, regions_uri=config.regions, labels_root=config.out, info=info,
+                     gt_uri=config.gt, feature_dim=checked.feature_dim, batch_size=config.batch_size,
+                     max_inflight=config.max_inflight, validation=config.validation)
+    clean_partial(task)
     fs.write_json(fs.join(uri, JOB_NAME), {
         "images": config.images, "regions": config.regions, "gt": config.gt, "shards": checked.shards,
         "teacher_spec": config.teacher, "config": {k: v for k, v in asdict(config).items()
                                                    if k not in ("images", "regions", "out", "gt")},
     })
-    task = ShardTask(images_uri=config.images, regions_uri=config.regions, labels_root=config.out, info=info,
-                     gt_uri=config.gt, feature_dim=checked.feature_dim, batch_size=config.batch_size,
-                     max_inflight=config.max_inflight, validation=config.validation)
     pending = [s for s in checked.shards
                if (read_marker(uri, s) or {}).get("labelset_id") != info.labelset_id]
     return JobPlan(task=task, shards=checked.shards, pending=pending, teacher_name=teacher_name)
