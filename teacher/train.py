@@ -133,13 +133,23 @@ def _load_checkpoint(out: Path, config: TrainConfig, model, optimizer) -> int:
     if not path.is_file():
         return 0
     state = torch.load(path, map_location="cpu", weights_only=True)
-    if json.loads(state["identity"]) != config.identity():
+    saved = json.loads(state["identity"])
+    step = int(state["step"])
+    # --steps may change while both schedules are still before their decay: the run so far is then exactly
+    # what the new schedule would have done (same warm-up, same constant lr, same batches).
+    saved_steps = saved.pop("steps")
+    ours = {k: v for k, v in config.identity().items() if k != "steps"}
+    if saved != ours:
         raise SgaError(f"{path} was written by a run with other settings; rerun with the same options, or "
                        "pass a new --out (or delete that directory) to start over")
+    before_decay = min(saved_steps, config.steps) * config.decay_start
+    if saved_steps != config.steps and step > before_decay:
+        raise SgaError(f"{path}: --steps can only change before the learning-rate decay starts (step "
+                       f"{int(before_decay)}); this run is at step {step}, rerun with --steps {saved_steps}")
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng"])
-    return int(state["step"])
+    return step
 
 
 def _held_out_eval(model, tokenizer, preprocess, val_samples) -> dict:

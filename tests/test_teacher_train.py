@@ -1,0 +1,84 @@
+"""`sga teacher train` end to end on a small generated world: a loadable teacher directory, exact resume,
+and the guards on changed settings."""
+
+import dataclasses
+import json
+
+import pytest
+import safetensors.torch
+import torch
+
+from shards.errors import SgaError
+from shards.synthetic.world import WorldConfig, build_world
+from teacher import GroundingInput, load_teacher
+from teacher.train import TrainConfig, lr_at, train
+from teacher.worlddata import iter_world
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    out = tmp_path_factory.mktemp("train_world")
+    build_world(WorldConfig(samples=60, seed=7, task_samples=0), str(out), show_progress=False)
+    return str(out)
+
+
+def _config(world: str, out, **overrides) -> TrainConfig:
+    # decay_start=1.0: a constant lr after warm-up, so --steps may grow on resume.
+    small = dict(steps=4, batch_size=4, val_samples=8, short_side=32, max_size=64, vocab_size=300,
+                 backbone_widths=(8, 16), d_model=32, nheads=2, enc_layers=1, dec_layers=2,
+                 dim_feedforward=64, num_queries=4, warmup_steps=2, decay_start=1.0, eval_every=2,
+                 checkpoint_every=2, log_every=2)
+    return TrainConfig(world=world, out=str(out), **{**small, **overrides})
+
+
+def _weights(out) -> dict[str, torch.Tensor]:
+    return safetensors.torch.load_file(str(out / "model.safetensors"))
+
+
+def test_train_writes_a_teacher_and_resumes_exactly(world, tmp_path):
+    straight = tmp_path / "straight"
+    summary = train(_config(world, straight), show_progress=False)
+    assert summary["steps"] == 4 and summary["val_images"] == 8
+    assert 0.0 <= summary["val_recall_at_1"] <= 1.0
+    log = [json.loads(line) for line in (straight / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "eval" in r] == [2, 4]
+    assert all(r["loss"] > 0 for r in log if "loss" in r)
+
+    teacher = load_teacher(str(straight), score_floor=0.0, top_k=2)
+    sample = next(iter_world(world))
+    answer = teacher.ground([GroundingInput(sample.image, sample.caption,
+                                            [(p.start, p.end) for p in sample.phrases])])[0]
+    assert len(answer) == len(sample.phrases)
+
+    resumed = tmp_path / "resumed"
+    train(_config(world, resumed, steps=2), show_progress=False)
+    train(_config(world, resumed, steps=4), show_progress=False)   # continues from step 2
+    a, b = _weights(straight), _weights(resumed)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_refuses_changed_settings(world, tmp_path):
+    out = tmp_path / "run"
+    train(_config(world, out, steps=2), show_progress=False)
+    with pytest.raises(SgaError, match="other settings"):
+        train(_config(world, out, steps=4, lr=1e-3), show_progress=False)
+    decaying = tmp_path / "decaying"
+    train(_config(world, decaying, steps=2, decay_start=0.5), show_progress=False)
+    with pytest.raises(SgaError, match="before the learning-rate decay"):
+        train(_config(world, decaying, steps=4, decay_start=0.5), show_progress=False)
+
+
+def test_lr_schedule_warms_up_holds_and_decays():
+    config = TrainConfig(world="w", out="o", steps=100, lr=1.0, warmup_steps=10, decay_start=0.6,
+                         min_lr_ratio=0.1)
+    assert lr_at(config, 0) == pytest.approx(0.1)
+    assert lr_at(config, 9) == pytest.approx(1.0)
+    assert lr_at(config, 59) == 1.0
+    assert 0.1 < lr_at(config, 80) < 1.0
+    assert lr_at(config, 100) == pytest.approx(0.1)
+    later = [lr_at(config, s) for s in range(60, 101)]
+    assert later == sorted(later, reverse=True)
+    assert dataclasses.replace(config, steps=200).identity() != config.identity()
