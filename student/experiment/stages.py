@@ -32,7 +32,7 @@ from shards import fs
 
 from .config import ExperimentConfig, fingerprint
 from .labelsets import label_quality, labelled_keys, write_gt_labelset, write_subset
-from .plan import EIGHTH, Cell, PretrainSpec, Unit
+from .plan import EIGHTH, FULL, Cell, PretrainSpec, Unit
 
 PREPARE_FILE = "prepare.json"
 TIMING_FILE = "experiment_timing.json"
@@ -74,21 +74,22 @@ def prepare(cfg: ExperimentConfig, work: str, show_progress: bool = True) -> dic
     tick = time.perf_counter()
     pseudo = label["labels"]
     keys = labelled_keys(pseudo)
-    rng = np.random.default_rng([cfg.world_seed, 8])
-    eighth_keys = sorted(np.asarray(keys)[rng.permutation(len(keys))[:max(1, round(cfg.small_fraction
-                                                                                    * len(keys)))]])
-    sets = {"pseudo": {"full": pseudo, EIGHTH: write_subset(pseudo, fs.join(root, "labels-eighth"),
-                                                             eighth_keys)}}
+    # One random one-eighth of the labelled samples, the same for every student and label kind.
+    count = max(1, round(cfg.small_fraction * len(keys)))
+    order = np.random.default_rng([cfg.world_seed, 8]).permutation(len(keys))
+    eighth_keys = sorted(keys[i] for i in order[:count])
+    sets = {"pseudo": {FULL: pseudo,
+                       EIGHTH: write_subset(pseudo, fs.join(root, "labels-eighth"), eighth_keys)}}
     if cfg.gt_run:
         gt_full = write_gt_labelset(world, pseudo, fs.join(root, "labels-gt"), cfg.world_seed)
-        sets["gt"] = {"full": gt_full, EIGHTH: write_subset(gt_full, fs.join(root, "labels-gt-eighth"),
-                                                             eighth_keys)}
+        sets["gt"] = {FULL: gt_full,
+                      EIGHTH: write_subset(gt_full, fs.join(root, "labels-gt-eighth"), eighth_keys)}
     quality = {"pseudo": label_quality(pseudo, world, cfg.quality_thresholds)}
     if cfg.gt_run:
-        quality["gt"] = label_quality(sets["gt"]["full"], world, [1.0])
+        quality["gt"] = label_quality(gt_full, world, [1.0])
     timings["derive_s"] = time.perf_counter() - tick
     record = {"world": world, "world_summary": world_summary, "label_summary": label, "labelsets": sets,
-              "samples": {"full": len(keys), EIGHTH: len(eighth_keys)}, "quality": quality,
+              "samples": {FULL: len(keys), EIGHTH: len(eighth_keys)}, "quality": quality,
               "timings": timings, "cpus": cfg.jobs}
     fs.write_json(record_uri, record)
     return record
