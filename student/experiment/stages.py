@@ -65,10 +65,11 @@ def prepare(cfg: ExperimentConfig, work: str, show_progress: bool = True) -> dic
     timings["world_s"] = time.perf_counter() - tick
 
     tick = time.perf_counter()
+    # The job places one teacher actor and one shard actor of one CPU each: two logical CPUs at least.
     label = run_label_job(LabelJobConfig(
         images=fs.join(world, "images"), regions=fs.join(world, "regions"), out=fs.join(root, "labels"),
         teacher=cfg.teacher, gt=fs.join(world, "gt"), score_threshold=cfg.score_threshold,
-        iou_threshold=cfg.iou_threshold, num_cpus=cfg.jobs, show_progress=show_progress))
+        iou_threshold=cfg.iou_threshold, num_cpus=max(2, cfg.jobs), show_progress=show_progress))
     timings["label_s"] = time.perf_counter() - tick
 
     tick = time.perf_counter()
@@ -90,7 +91,7 @@ def prepare(cfg: ExperimentConfig, work: str, show_progress: bool = True) -> dic
     timings["derive_s"] = time.perf_counter() - tick
     record = {"world": world, "world_summary": world_summary, "label_summary": label, "labelsets": sets,
               "samples": {FULL: len(keys), EIGHTH: len(eighth_keys)}, "quality": quality,
-              "timings": timings, "cpus": cfg.jobs}
+              "timings": timings, "cpus": max(2, cfg.jobs)}
     fs.write_json(record_uri, record)
     return record
 
