@@ -55,12 +55,11 @@ def teacher_alone(world_dir: Path, args) -> dict:
     """Teacher ``ground`` over every sample with phrases, decoded and parsed beforehand (1 thread)."""
     import torch
 
-    from pipeline.labeler import ground_plain
     from pipeline.phrases import PhraseExtractor
     from pipeline.validate import ValidationConfig, check_caption, check_image
     from shards.errors import SampleError
     from shards.images import iter_image_shard, list_shards
-    from teacher.base import load_teacher
+    from teacher.base import GroundingInput, load_teacher
 
     torch.set_num_threads(1)
     teacher = load_teacher(args.teacher, score_floor=args.score_floor)
@@ -77,11 +76,11 @@ def teacher_alone(world_dir: Path, args) -> dict:
             except SampleError:
                 continue
     spans = extractor.extract([c for _, c in decoded])
-    batch = [(img, c, sp) for (img, c), sp in zip(decoded, spans) if sp]
-    ground_plain(teacher, batch[: args.batch_size])      # warm-up, as the job's actors are warm
+    batch = [GroundingInput(img, c, sp) for (img, c), sp in zip(decoded, spans) if sp]
+    teacher.ground(batch[: args.batch_size])      # warm-up, as the job's actors are warm
     start = time.perf_counter()
     for i in range(0, len(batch), args.batch_size):
-        ground_plain(teacher, batch[i: i + args.batch_size])
+        teacher.ground(batch[i: i + args.batch_size])
     seconds = time.perf_counter() - start
     return {"samples": total, "grounded": len(batch), "seconds": seconds, "samples_per_s": total / seconds}
 

@@ -36,13 +36,20 @@ from shards.regions import RegionRecord
 from .matching import phrase_labels, read_ground_truth, score_alignment
 from .phrases import PhraseCache, PhraseExtractor, Span
 from .reader import ShardItem, iter_shard
-from .validate import ValidationConfig, check_caption, check_image, check_regions, check_status
+from .validate import (
+    ValidationConfig,
+    check_caption,
+    check_image,
+    check_regions,
+    check_status,
+    decode_rgb,
+)
 
 PHRASE_CHUNK = 64  # samples whose captions go through spaCy together
 
 
 class TeacherClient(Protocol):
-    """Where batches of ``(image, caption, spans)`` tuples go: ``submit`` hands one over and returns a
+    """Where batches of ``(image bytes, caption, spans)`` tuples go: ``submit`` hands one over and returns a
     token, ``collect`` waits for its answer (``[sample][phrase] -> (boxes, scores)``, see
     :func:`ground_plain`) or raises the teacher's error. ``local_cpu_s`` is teacher CPU time spent in the
     calling thread (0 when the teacher runs elsewhere)."""
@@ -101,7 +108,9 @@ class _Sample:
     index: int
     key: str
     caption: str
-    image: np.ndarray
+    jpg: bytes          # sent to the teacher encoded: a tenth of the bytes through Ray's object store
+    width: int
+    height: int
     regions: RegionRecord
     spans: list[Span] = field(default_factory=list)
 
@@ -135,10 +144,9 @@ class _ShardRun:
         cfg = self.task.validation
         check_status(item.key, image.status, image.error_message)
         caption = check_caption(item.key, image.caption, cfg)
-        pixels = check_image(item.key, image.status, image.jpg, image.error_message, cfg)
-        regions = check_regions(item.key, item.regions, pixels.shape[1], pixels.shape[0],
-                                self.task.feature_dim, cfg)
-        return _Sample(index, item.key, caption, pixels, regions)
+        height, width = check_image(item.key, image.status, image.jpg, image.error_message, cfg).shape[:2]
+        regions = check_regions(item.key, item.regions, width, height, self.task.feature_dim, cfg)
+        return _Sample(index, item.key, caption, image.jpg, width, height, regions)
 
     def submit(self, chunk: list[_Sample]) -> None:
         """Phrases for a chunk of samples in one spaCy call, then its teacher batches, keeping at most
@@ -178,7 +186,7 @@ class _ShardRun:
                 self.counts["teacher_errors"] += 1
                 self.error(s.index, found, in_batch=True)
                 continue
-            h, w = s.image.shape[:2]
+            w, h = s.width, s.height
             phrases = phrase_labels(s.caption, s.spans, found, w, h, info.score_floor, info.top_k)
             align = alignment_matrix(phrases, s.regions.boxes, info.score_threshold, info.iou_threshold)
             rec = LabelRecord(s.key, s.caption, w, h, s.regions.num_boxes, phrases, align)
@@ -208,20 +216,23 @@ class _ShardRun:
 
 
 def _inputs(samples: Sequence[_Sample]) -> list[tuple]:
-    """``(image, caption, spans)`` per sample: the fields of ``teacher.base.GroundingInput``, which the
-    client builds where the teacher runs (so this side never imports the teacher package)."""
-    return [(s.image, s.caption, list(s.spans)) for s in samples]
+    """``(image bytes, caption, spans)`` per sample: ``teacher.base.GroundingInput`` is built where the
+    teacher runs (so this side never imports the teacher package), from the image as encoded."""
+    return [(s.jpg, s.caption, list(s.spans)) for s in samples]
 
 
 def ground_plain(teacher, batch: Sequence[tuple]) -> list[list[tuple[np.ndarray, np.ndarray]]]:
-    """``teacher.ground`` on ``(image, caption, spans)`` tuples, answering ``(boxes, scores)`` tuples.
+    """``teacher.ground`` on ``(image bytes, caption, spans)`` tuples, answering ``(boxes, scores)`` tuples.
 
-    Only plain tuples and arrays cross between the labeler and the teacher, so the labeling side never
-    imports (or unpickles objects of) the teacher package and its model libraries.
+    Only plain tuples, bytes and arrays cross between the labeler and the teacher, so the labeling side
+    never imports (or unpickles objects of) the teacher package and its model libraries. Images travel
+    encoded and are decoded here (they were decoded once already, to validate them): decoded pixels are
+    ~10x larger, and every byte of a batch passes through Ray's shared-memory object store.
     """
     from teacher.base import GroundingInput
 
-    answers = teacher.ground([GroundingInput(image, caption, spans) for image, caption, spans in batch])
+    inputs = [GroundingInput(decode_rgb(data), caption, spans) for data, caption, spans in batch]
+    answers = teacher.ground(inputs)
     return [[(pb.boxes, pb.scores) for pb in sample] for sample in answers]
 
 

@@ -40,6 +40,12 @@ def check_status(key: str, status: str, error_message: str | None) -> None:
         raise SampleError(key, "image", f"status {status}{detail}")
 
 
+def decode_rgb(data: bytes) -> np.ndarray:
+    """Encoded image bytes -> ``uint8 [H, W, 3]`` RGB (PIL errors propagate)."""
+    with Image.open(io.BytesIO(data)) as img:
+        return np.asarray(img.convert("RGB"))
+
+
 def check_image(key: str, status: str, jpg: bytes | None, error_message: str | None,
                 config: ValidationConfig) -> np.ndarray:
     """Decode an image row to ``uint8 [H, W, 3]`` RGB, or raise ``SampleError(stage="image")``."""
