@@ -35,7 +35,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--num-cpus", type=int, default=2, help="CPUs of the local Ray instance")
     p.add_argument("--score-floor", type=float, default=0.05)
-    p.add_argument("--score-threshold", type=float, default=0.3)
+    p.add_argument("--score-threshold", type=float, default=0.1)
     p.add_argument("--workdir", help="keeps the worlds between runs (default: a temporary folder)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     return p.parse_args(argv)

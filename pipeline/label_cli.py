@@ -48,7 +48,7 @@ def _add_label(subparsers) -> None:
     t = p.add_argument_group("teacher and labels")
     t.add_argument("--teacher", default="tiny", help="teacher name or local teacher folder (default: tiny)")
     t.add_argument("--score-floor", type=float, default=0.05, help="teacher boxes below are not stored")
-    t.add_argument("--score-threshold", type=float, default=0.3,
+    t.add_argument("--score-threshold", type=float, default=0.1,
                    help="a teacher box counts for the alignment matrix at or above this score")
     t.add_argument("--iou-threshold", type=float, default=0.5, help="region-box IoU for a positive")
     t.add_argument("--top-k", type=int, default=10, help="teacher boxes kept per phrase")
