@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from shards.labels import iter_label_shard
-from student.experiment.config import ExperimentConfig, FinetuneRecipe, PretrainRecipe
+from student.experiment.config import TASKS, ExperimentConfig, FinetuneRecipe, PretrainRecipe
 from student.experiment.labelsets import label_shards, labelled_keys
 from student.experiment.plan import EIGHTH, FULL, build_plan
 from student.experiment.report import findings, paired, values
@@ -29,8 +29,7 @@ def small_config(**overrides) -> ExperimentConfig:
     fields = dict(name="test", world_samples=48, task_samples=40, samples_per_shard=16, seeds=2,
                   encoders=("two",), ablations=("sga_token",), jobs=2,
                   pretrain=PretrainRecipe(epochs=1.0, batch_size=16),
-                  finetune=FinetuneRecipe(epochs=1, batch_size={"refexp": 32, "vqa": 32, "vcr_qa": 8,
-                                                                "vcr_qar": 8}, fractions=(0.5, 1.0)))
+                  finetune=FinetuneRecipe(epochs=dict.fromkeys(TASKS, 1), fractions=(0.5, 1.0)))
     return ExperimentConfig(**{**fields, **overrides})
 
 

@@ -41,7 +41,8 @@ def render(cfg: ExperimentConfig, record: dict[str, Any], sections: dict[str, li
         f"epochs, batch {cfg.pretrain.batch_size}, lr {cfg.pretrain.lr:g}, warm-up {cfg.pretrain.warmup:g}. "
         "Baseline: MLM + masked-region KL + image-text matching, 5-d box only. "
         "+ grounding: the same plus λ_gnd·L_gnd (phrase-level LSTM, SPE on).",
-        f"- Fine-tuning: {ft.epochs} epochs, lr {json.dumps(ft.lr)}, batch {json.dumps(ft.batch_size)}; "
+        f"- Fine-tuning: epochs {json.dumps(ft.epochs)}, lr {json.dumps(ft.lr)}, "
+        f"batch {json.dumps(ft.batch_size)}; "
         "refexp accuracy = top proposal IoU ≥ 0.5; VQA accuracy from the 10 answers "
         "(min(1, matches/3) averaged over leave-one-out subsets); VCR 4-way accuracy.",
         "",

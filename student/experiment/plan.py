@@ -62,8 +62,8 @@ class Cell:
 
     def cell_id(self, cfg: ExperimentConfig) -> str:
         ft = cfg.finetune
-        key = fingerprint(self.spec.run_id(cfg), self.task, self.fraction, ft.epochs, ft.lr[self.task],
-                          ft.batch_size[self.task])
+        key = fingerprint(self.spec.run_id(cfg), self.task, self.fraction, ft.epochs[self.task],
+                          ft.lr[self.task], ft.batch_size[self.task])
         return f"{self.spec.run_id(cfg)}-{self.task}-f{self.fraction:g}-{key}"
 
 
@@ -77,7 +77,7 @@ class Unit:
     def cost(self, cfg: ExperimentConfig) -> float:
         # Rough seconds-free cost model: one pretraining epoch on the full corpus ~ 3 fine-tuning epochs
         # of a task at share 1 on the default world sizes; used only to start long units first.
-        ft = sum(c.fraction for c in self.cells) * cfg.finetune.epochs / 3
+        ft = sum(c.fraction * cfg.finetune.epochs[c.task] for c in self.cells) / 3
         return self.spec.cost(cfg) * cfg.world_samples / max(1, cfg.task_samples) + ft
 
 

@@ -139,8 +139,8 @@ def finetune_cell(cell: Cell, checkpoint: str | None, cfg: ExperimentConfig, rec
     summary = finetune(FinetuneConfig(
         task=cell.task, task_dir=fs.join(world, "tasks"), regions=fs.join(world, "tasks", "regions"),
         checkpoint=checkpoint, fraction=cell.fraction, seed=cell.spec.seed, lr=ft.lr[cell.task],
-        batch_size=ft.batch_size[cell.task], epochs=ft.epochs, preset="tiny", model=cell.spec.model(cfg),
-        threads=1, show_progress=False), regions)
+        batch_size=ft.batch_size[cell.task], epochs=ft.epochs[cell.task], preset="tiny",
+        model=cell.spec.model(cfg), threads=1, show_progress=False), regions)
     spec = cell.spec
     metric = summary["metric"]
     return {"cell_id": cell.cell_id(cfg), "run_id": spec.run_id(cfg), "variant": spec.variant,
