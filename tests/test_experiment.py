@@ -15,7 +15,13 @@ import pytest
 import torch
 
 from shards.labels import iter_label_shard
-from student.experiment.config import TASKS, ExperimentConfig, FinetuneRecipe, PretrainRecipe
+from student.experiment.config import (
+    TASKS,
+    ExperimentConfig,
+    FinetuneRecipe,
+    PretrainRecipe,
+    teacher_signature,
+)
 from student.experiment.labelsets import label_shards, labelled_keys
 from student.experiment.plan import EIGHTH, FULL, build_plan
 from student.experiment.report import findings, paired, values
@@ -111,7 +117,8 @@ def test_findings_say_when_the_claim_fails():
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("experiment")
-    cfg = small_config()
+    # The runner signs the teacher's weights into every id; sign here too to find the cells it wrote.
+    cfg = small_config(teacher_signature=teacher_signature("tiny"))
     out, work = str(root / "results"), str(root / "work")
     summary = run_experiment(cfg, out, work, show_progress=False)
     return {"cfg": cfg, "out": out, "work": work, "summary": summary}

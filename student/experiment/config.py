@@ -83,7 +83,8 @@ class ExperimentConfig:
     samples_per_shard: int = 250
     world_seed: int = 0
     teacher: str = "tiny"
-    score_threshold: float = 0.3              # the label job's default threshold for M
+    teacher_signature: str = ""               # content hash of the teacher folder (set by the runner)
+    score_threshold: float = 0.1              # `sga label`'s default threshold for M (best F1 of tiny)
     iou_threshold: float = 0.5
     small_fraction: float = 0.125             # "a random one-eighth" of the pretraining set
     seeds: int = 3
@@ -92,7 +93,7 @@ class ExperimentConfig:
     ablations: tuple[str, ...] = ABLATIONS
     focus_encoder: str = "two"                # ablations, data efficiency and ground-truth M (ViLBERT's role)
     gt_run: bool = True
-    quality_thresholds: tuple[float, ...] = (0.1, 0.2, 0.3, 0.5, 0.7)
+    quality_thresholds: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.5, 0.7)
     jobs: int = 2                             # parallel worker processes (1 torch thread each)
     pretrain: PretrainRecipe = field(default_factory=PretrainRecipe)
     finetune: FinetuneRecipe = field(default_factory=FinetuneRecipe)
@@ -117,8 +118,27 @@ class ExperimentConfig:
                                                "world_seed")}
 
     def label_part(self) -> dict[str, Any]:
-        return {**self.world_part(), "teacher": self.teacher, "score_threshold": self.score_threshold,
+        return {**self.world_part(), "teacher": self.teacher, "teacher_signature": self.teacher_signature,
+                "score_threshold": self.score_threshold,
                 "iou_threshold": self.iou_threshold, "small_fraction": self.small_fraction}
+
+
+def teacher_signature(spec: str) -> str:
+    """sha256 of the teacher folder's files (names and bytes), so results follow the teacher's weights and
+    not its name: replacing the bundled ``tiny`` teacher relabels and retrains. A spec that is not a
+    folder (another registered name) signs as itself."""
+    from pathlib import Path
+
+    from pipeline.teacher_id import teacher_dir
+
+    folder = teacher_dir(spec)
+    if folder is None:
+        return spec
+    sha = hashlib.sha256()
+    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
+        sha.update(str(path.relative_to(folder)).encode())
+        sha.update(path.read_bytes())
+    return sha.hexdigest()[:16]
 
 
 def fingerprint(*parts: Any) -> str:

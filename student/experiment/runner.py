@@ -7,6 +7,7 @@ the report is written from what exists, and the command then fails naming the un
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing
 import sys
 import time
@@ -17,7 +18,7 @@ from shards import fs
 from shards.errors import SgaError
 from shards.progress import progress
 
-from .config import ExperimentConfig
+from .config import ExperimentConfig, teacher_signature
 from .plan import Unit, build_plan
 from .report import collect_rows, write_report
 from .stages import cell_path, prepare, run_unit, worker_env
@@ -64,6 +65,7 @@ def run_units(units: list[Unit], cfg: ExperimentConfig, record: dict[str, Any], 
 def run_experiment(cfg: ExperimentConfig, out: str, work: str, show_progress: bool = True) -> dict[str, Any]:
     """Prepare, run every missing cell, write ``OUT/RESULTS.md``, CSVs and plots; returns a summary."""
     start = time.perf_counter()
+    cfg = dataclasses.replace(cfg, teacher_signature=teacher_signature(cfg.teacher))
     record = prepare(cfg, work, show_progress)
     units = build_plan(cfg)
     failures = run_units(units, cfg, record, work, show_progress)
