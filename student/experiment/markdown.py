@@ -34,9 +34,10 @@ def render(cfg: ExperimentConfig, record: dict[str, Any], sections: dict[str, li
         f"- World: {world.get('samples')} pretraining captions ({world.get('images')} images, seed "
         f"{cfg.world_seed}), {cfg.task_samples} held-out task images. Pretraining on all labelled samples "
         f"({record['samples']['full']}) or a random one-eighth ({record['samples']['eighth']}).",
-        f"- Pseudo labels: `sga label --teacher {cfg.teacher}` (score threshold {cfg.score_threshold}, IoU "
-        f"{cfg.iou_threshold}): {label.get('ok')} samples, {label.get('phrases')} phrases, "
-        f"{label.get('positives')} positive cells of M.",
+        f"- Pseudo labels: `sga label --teacher {cfg.teacher}` (teacher fingerprint "
+        f"{label.get('teacher_fingerprint')}, weights {cfg.teacher_signature}; score threshold "
+        f"{cfg.score_threshold}, IoU {cfg.iou_threshold}): {label.get('ok')} samples, "
+        f"{label.get('phrases')} phrases, {label.get('positives')} positive cells of M.",
         f"- Students: tiny preset ({json.dumps(cfg.pretrain.model)}), pretrained {cfg.pretrain.epochs:g} "
         f"epochs, batch {cfg.pretrain.batch_size}, lr {cfg.pretrain.lr:g}, warm-up {cfg.pretrain.warmup:g}. "
         "Baseline: MLM + masked-region KL + image-text matching, 5-d box only. "
