@@ -184,3 +184,8 @@ def test_rerun_redoes_only_missing_cells_with_identical_results(run):
     assert {k: v for k, v in after.items() if not k.endswith("_s")} == \
         {k: v for k, v in before.items() if not k.endswith("_s")}
     assert all(os.path.getmtime(p) == t for p, t in others.items())
+    # The report's wall time covers both invocations of this grid.
+    both = run["summary"]["wall_s"] + summary["wall_s"]
+    assert summary["wall_s_all_invocations"] == pytest.approx(both, abs=0.2)
+    with open(os.path.join(run["out"], "RESULTS.md")) as f:
+        assert "over 2 invocation(s) of this grid" in f.read()

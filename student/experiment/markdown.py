@@ -15,7 +15,8 @@ def _h(seconds: float) -> str:
 
 
 def render(cfg: ExperimentConfig, record: dict[str, Any], sections: dict[str, list[str]],
-           times: dict[str, float], plots: list[str], cells: int, expected: int, wall_s: float) -> str:
+           times: dict[str, float], plots: list[str], cells: int, expected: int,
+           history: list[dict[str, Any]]) -> str:
     label = record["label_summary"]
     world = record["world_summary"]
     ft = cfg.finetune
@@ -82,8 +83,9 @@ def render(cfg: ExperimentConfig, record: dict[str, Any], sections: dict[str, li
         f"- World {_h(times['world_wall_s'])}, labelling {_h(times['label_wall_s'])} (Ray, "
         f"{record['cpus']} CPUs), label-set derivation and quality {_h(times['derive_wall_s'])}: wall time "
         "of the run that made them.",
-        f"- This invocation: {_h(wall_s)} wall time with {cfg.jobs} worker processes "
-        "(a resumed run counts only its own part; the CPU times above cover every finished cell).",
+        f"- Wall time with {cfg.jobs} worker processes: {_h(sum(h['wall_s'] for h in history))} over "
+        f"{len(history)} invocation(s) of this grid ("
+        + "; ".join(f"{h['started']}: {_h(h['wall_s'])}, {h['cells_run']} cells" for h in history) + ").",
         "",
         "## Plots",
         "",

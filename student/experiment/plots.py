@@ -23,6 +23,7 @@ def _stats(rows: list[dict], **match: Any) -> tuple[float, float]:
 
 def _save(fig, out: str, name: str) -> str:
     buf = io.BytesIO()
+    fig.tight_layout()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     fs.write_bytes(fs.join(out, name), buf.getvalue())
     return name

@@ -8,6 +8,7 @@ the report is written from what exists, and the command then fails naming the un
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import multiprocessing
 import sys
 import time
@@ -18,10 +19,12 @@ from shards import fs
 from shards.errors import SgaError
 from shards.progress import progress
 
-from .config import ExperimentConfig, teacher_signature
+from .config import ExperimentConfig, fingerprint, teacher_signature
 from .plan import Unit, build_plan
 from .report import collect_rows, write_report
 from .stages import cell_path, prepare, run_unit, worker_env
+
+INVOCATIONS = "invocations.json"
 
 
 def _pending(units: list[Unit], cfg: ExperimentConfig, work: str) -> list[tuple[Unit, int]]:
@@ -62,16 +65,30 @@ def run_units(units: list[Unit], cfg: ExperimentConfig, record: dict[str, Any], 
     return failures
 
 
+def log_invocation(work: str, plan_id: str, started: str, wall_s: float, cells_run: int) -> list[dict]:
+    """Append this invocation to ``WORK/invocations.json``; returns the entries of the same plan.
+
+    The report sums their wall time, so a run resumed three times still states what the whole grid took.
+    """
+    uri = fs.join(work, INVOCATIONS)
+    entries = fs.read_json(uri) if fs.exists(uri) else []
+    entries.append({"plan": plan_id, "started": started, "wall_s": round(wall_s, 1), "cells_run": cells_run})
+    fs.write_json(uri, entries)
+    return [e for e in entries if e["plan"] == plan_id]
+
+
 def run_experiment(cfg: ExperimentConfig, out: str, work: str, show_progress: bool = True) -> dict[str, Any]:
     """Prepare, run every missing cell, write ``OUT/RESULTS.md``, CSVs and plots; returns a summary."""
-    start = time.perf_counter()
+    start, started = time.perf_counter(), datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     cfg = dataclasses.replace(cfg, teacher_signature=teacher_signature(cfg.teacher))
     record = prepare(cfg, work, show_progress)
     units = build_plan(cfg)
+    before = len(collect_rows(units, cfg, work))
     failures = run_units(units, cfg, record, work, show_progress)
     rows = collect_rows(units, cfg, work)
-    wall = time.perf_counter() - start
-    summary = write_report(cfg, out, rows, record, units, work, wall)
+    plan_id = fingerprint(sorted(c.cell_id(cfg) for u in units for c in u.cells))
+    history = log_invocation(work, plan_id, started, time.perf_counter() - start, len(rows) - before)
+    summary = write_report(cfg, out, rows, record, units, work, history)
     if failures:
         detail = "; ".join(f"{k}: {v}" for k, v in failures.items())
         raise SgaError(f"{len(failures)} student(s) failed ({detail}); the report in {out} covers the "
