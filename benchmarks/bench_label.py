@@ -87,12 +87,12 @@ def teacher_alone(world_dir: Path, args) -> dict:
 
 def label_payload_bytes(labelset: str) -> tuple[int, int]:
     """(label JSON bytes, labelled samples) over a label set's tars."""
-    from shards import fs
+    from shards.labels import label_shard_uri, list_label_shards
     from shards.tario import iter_tar
 
     payload = samples = 0
-    for name in fs.list_dir(labelset, ".tar"):
-        for sample in iter_tar(fs.join(labelset, name)):
+    for shard in list_label_shards(labelset):
+        for sample in iter_tar(label_shard_uri(labelset, shard)):
             payload += sum(len(v) for v in sample.members.values())
             samples += 1
     return payload, samples

@@ -11,7 +11,7 @@ from typing import Any
 
 from shards import fs
 from shards.errors import SgaError
-from shards.labels import INFO_NAME, iter_label_shard, read_labelset_info
+from shards.labels import INFO_NAME, iter_label_shard, label_shard_uri, read_labelset_info
 from shards.manifest import read_marker
 
 from .phrases import CACHE_DIR
@@ -128,4 +128,5 @@ def find_record(labelset_uri: str, key: str):
     for rec in iter_label_shard(labelset_uri, row["shard"]):
         if rec.key == key:
             return row["shard"], rec
-    raise SgaError(f"key {key!r} is missing from {labelset_uri}/{row['shard']}.tar; relabel that shard")
+    raise SgaError(f"key {key!r} is missing from {label_shard_uri(labelset_uri, row['shard'])}; relabel "
+                   "that shard")

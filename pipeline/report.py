@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from shards import fs
-from shards.labels import iter_label_shard, read_labelset_info
+from shards.labels import iter_label_shard, list_label_shards, read_labelset_info
 from shards.manifest import read_manifest
 
 from .labelsets import marker_totals, planned_shards, resolve_labelset
@@ -74,8 +74,9 @@ def collect(uri: str, max_samples: int) -> dict[str, Any]:
     ok = [r for r in rows if r["status"] == "ok"]
     errors = [r for r in rows if r["status"] == "error"]
     positives, top_scores, all_scores, read = [], [], [], 0
+    written = set(list_label_shards(uri))
     for shard in planned_shards(uri):
-        if read >= max_samples or not fs.exists(fs.join(uri, f"{shard}.tar")):
+        if read >= max_samples or shard not in written:
             continue
         for rec in iter_label_shard(uri, shard):
             positives.extend(rec.align.sum(axis=1).tolist())

@@ -90,11 +90,16 @@ def list_subdirs(uri: str) -> list[str]:
 
 @contextlib.contextmanager
 def open_input(uri: str) -> Iterator[IO[bytes]]:
-    """A readable binary stream. Raises ``FileNotFoundError`` naming the URI when it is missing."""
+    """A readable binary stream of the bytes as stored. Raises ``FileNotFoundError`` naming the URI when it
+    is missing.
+
+    ``compression=None``: pyarrow would otherwise decompress by file extension (``.gz``); readers that
+    accept compressed data (the tar parser) detect it from the content instead.
+    """
     fs, path = resolve(uri)
     if fs.get_file_info(path).type == pafs.FileType.NotFound:
         raise FileNotFoundError(uri)
-    with fs.open_input_stream(path) as stream:
+    with fs.open_input_stream(path, compression=None) as stream:
         yield stream
 
 
@@ -119,7 +124,7 @@ def atomic_output(uri: str) -> Iterator[IO[bytes]]:
         fs.create_dir(parent, recursive=True)
     tmp = f"{path}{TMP_MARK}{uuid.uuid4().hex[:12]}"
     try:
-        with fs.open_output_stream(tmp) as stream:
+        with fs.open_output_stream(tmp, compression=None) as stream:  # bytes as given, whatever the name
             yield stream
         fs.move(tmp, path)
     except BaseException:

@@ -33,6 +33,9 @@ READ_STAGE = "read_labels"
 WRITE_STAGE = "write_labels"
 PAX_INFO = "sga.labelset"
 PAX_ID = "sga.labelset_id"
+SHARD_SUFFIX = ".tar.gz"
+# Label sets written before the shards were compressed hold plain NNNNN.tar files; they are read as is.
+LEGACY_SUFFIX = ".tar"
 # Stored precision: a tenth of a pixel and 1e-4 of score are far below teacher noise and keep labels small.
 BOX_DECIMALS = 1
 SCORE_DECIMALS = 4
@@ -234,6 +237,21 @@ def decode_labels(sample: TarSample) -> LabelRecord:
     return rec
 
 
+def label_shard_uri(labelset_uri: str, shard: str) -> str:
+    """The label tar of ``shard``: ``NNNNN.tar.gz``, or a legacy uncompressed ``NNNNN.tar`` when only that
+    exists."""
+    uri = fs.join(labelset_uri, shard + SHARD_SUFFIX)
+    legacy = fs.join(labelset_uri, shard + LEGACY_SUFFIX)
+    return legacy if not fs.exists(uri) and fs.exists(legacy) else uri
+
+
+def list_label_shards(labelset_uri: str) -> list[str]:
+    """Sorted names (``NNNNN``) of the label tars in a label set folder."""
+    names = {n[: -len(SHARD_SUFFIX)] for n in fs.list_dir(labelset_uri, SHARD_SUFFIX)}
+    names |= {n[: -len(LEGACY_SUFFIX)] for n in fs.list_dir(labelset_uri, LEGACY_SUFFIX)}
+    return sorted(names)
+
+
 def _pax_headers(info: LabelSetInfo) -> dict[str, str]:
     return {PAX_ID: info.labelset_id, PAX_INFO: json.dumps(info.to_dict(), sort_keys=True)}
 
@@ -245,7 +263,7 @@ class LabelShardWriter:
     """
 
     def __init__(self, labelset_uri: str, shard: str, info: LabelSetInfo):
-        self.uri = fs.join(labelset_uri, f"{shard}.tar")
+        self.uri = fs.join(labelset_uri, shard + LEGACY_SUFFIX)
         self.info = info
         self._tar = TarShardWriter(self.uri, pax_headers=_pax_headers(info))
 
@@ -278,13 +296,13 @@ def info_from_pax(headers: dict[str, str], uri: str) -> LabelSetInfo:
 
 def iter_label_shard(labelset_uri: str, shard: str,
                      on_error: Callable[[SampleError], None] | None = None) -> Iterator[LabelRecord]:
-    """Decoded records of ``LABELSET/NNNNN.tar`` in tar order.
+    """Decoded records of the label tar of ``shard`` (:func:`label_shard_uri`) in tar order.
 
     Raises :class:`SgaError` if the shard was written by a newer schema. A bad sample raises
     :class:`SampleError`, or with ``on_error`` is passed to it and skipped; a damaged tar raises
     :class:`ShardReadError` after the complete samples before the damage.
     """
-    reader = TarShardReader(fs.join(labelset_uri, f"{shard}.tar"))
+    reader = TarShardReader(label_shard_uri(labelset_uri, shard))
     checked = False
     for sample in reader:
         if not checked:

@@ -5,11 +5,14 @@ its first dot, as webdataset splits it). Members are returned as raw bytes; noth
 unpickles anything, so a tar holding ``.pyd``/``.pkl`` members is harmless to read.
 
 Provenance (label set, schema version) travels in the tar's PAX global header, which webdataset and every
-tar tool ignore, so shards stay plain webdataset shards.
+tar tool ignore, so shards stay plain webdataset shards. The writer can gzip a shard as it writes it
+(``NNNNN.tar.gz``, read by webdataset, ``tar`` and this reader alike); a tar of many small members is mostly
+512-byte headers and padding, which compression removes.
 """
 
 from __future__ import annotations
 
+import gzip
 import io
 import re
 import tarfile
@@ -56,19 +59,26 @@ class TarShardWriter:
     >>> with TarShardWriter("out/00000.tar", pax_headers={"sga.schema": "1"}) as w:
     ...     w.write("000000000", {"txt": b"a caption"})
 
-    The shard appears under its final name only when the ``with`` block exits without an exception.
+    The shard appears under its final name only when the ``with`` block exits without an exception. With
+    ``gzip=True`` the tar is compressed as it is written (name it ``.tar.gz``); the gzip header carries no
+    name and no time, so the same samples still give the same bytes.
     """
 
-    def __init__(self, uri: str, pax_headers: Mapping[str, str] | None = None):
+    def __init__(self, uri: str, pax_headers: Mapping[str, str] | None = None, gzip: bool = False):
         self.uri = uri
         self.pax_headers = dict(pax_headers or {})
+        self.gzip = gzip
         self.count = 0
         self._ctx = None
+        self._gz: gzip.GzipFile | None = None
         self._tar: tarfile.TarFile | None = None
 
     def __enter__(self) -> TarShardWriter:
         self._ctx = fs.atomic_output(self.uri)
         stream = self._ctx.__enter__()
+        if self.gzip:
+            # filename="" and mtime=0: nothing run-specific (the temp file's name, the clock) in the header.
+            stream = self._gz = gzip.GzipFile(filename="", mode="wb", fileobj=stream, mtime=0)
         self._tar = tarfile.open(fileobj=stream, mode="w|", format=tarfile.PAX_FORMAT,
                                  pax_headers=self.pax_headers)
         return self
@@ -91,10 +101,14 @@ class TarShardWriter:
         try:
             if exc_type is None:
                 self._tar.close()
+                if self._gz is not None:
+                    self._gz.close()
             else:
                 # Abandon the archive without writing its end blocks (tarfile's stream would otherwise
                 # flush them on garbage collection into a closed file); atomic_output deletes the temp file.
                 self._tar.fileobj.closed = True  # type: ignore[union-attr]
+                if self._gz is not None:
+                    self._gz.fileobj = None  # likewise: no gzip trailer into the closed stream
         finally:
             self._ctx.__exit__(exc_type, exc, tb)
         return False

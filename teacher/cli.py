@@ -86,6 +86,10 @@ def register(subparsers) -> None:
     p.add_argument("--enc-layers", type=int, help="fusion encoder layers (default 3)")
     p.add_argument("--dec-layers", type=int, help="decoder layers (default 3)")
     p.add_argument("--num-queries", type=int, help="object queries (default 12)")
+    p.add_argument("--dropout", type=float, help="transformer and text-encoder dropout (default 0.1)")
+    p.add_argument("--eos-coef", type=float, help="no-object weight of unmatched queries (default 0.1)")
+    p.add_argument("--init", help="start from this teacher directory's weights and tokenizer (a second "
+                                  "training stage; same sizes required)")
     p.add_argument("--eval-every", type=int, help="steps between held-out evaluations (default 500)")
     p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default 500)")
     p.add_argument("--log-every", type=int, help="steps between log lines (default 50)")

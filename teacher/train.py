@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,7 @@ from .evaluate import evaluate_teacher
 from .grounding import TOKENIZER_DIR, InferenceConfig, MDETRTeacher, write_teacher_json
 from .matcher import HungarianMatcher
 from .mdetr import build_mdetr, get_config
-from .mdetr.checkpoint import save_mdetr
+from .mdetr.checkpoint import load_mdetr, save_mdetr
 from .preprocess import PreprocessConfig
 from .tokenizer import load_tokenizer, train_tokenizer
 from .traindata import collate, make_example
@@ -66,7 +67,10 @@ class TrainConfig:
     dec_layers: int = 3
     dim_feedforward: int = 256
     num_queries: int = 12
+    dropout: float = 0.1              # transformer, resizer and text-encoder dropout
+    eos_coef: float = 0.1             # weight of the no-object target of unmatched queries
     contrastive_align: bool = True
+    init: str | None = None           # a teacher directory whose weights (and tokenizer) the run starts from
     threads: int = 1
     eval_every: int = 500
     checkpoint_every: int = 500
@@ -110,7 +114,9 @@ def model_config(config: TrainConfig, vocab_size: int, aux_loss: bool):
     return get_config("tiny", backbone_widths=config.backbone_widths, d_model=config.d_model,
                       nheads=config.nheads, enc_layers=config.enc_layers, dec_layers=config.dec_layers,
                       dim_feedforward=config.dim_feedforward, num_queries=config.num_queries,
-                      aux_loss=aux_loss, text_encoder={"vocab_size": vocab_size})
+                      dropout=config.dropout, aux_loss=aux_loss,
+                      text_encoder={"vocab_size": vocab_size, "hidden_dropout_prob": config.dropout,
+                                    "attention_probs_dropout_prob": config.dropout})
 
 
 def _log(out: Path, record: dict) -> None:
@@ -152,6 +158,16 @@ def _load_checkpoint(out: Path, config: TrainConfig, model, optimizer) -> int:
     return step
 
 
+def _init_weights(model, teacher_dir: str) -> None:
+    """Start from a trained teacher's weights (a second stage with other loss or dropout settings); every
+    tensor must have this run's shape."""
+    try:
+        model.load_state_dict(load_mdetr(teacher_dir).state_dict())
+    except RuntimeError as exc:
+        raise SgaError(f"--init {teacher_dir}: its weights do not fit this run's model; pass the sizes of "
+                       f"the run that trained it ({str(exc).splitlines()[0]})") from exc
+
+
 def _held_out_eval(model, tokenizer, preprocess, val_samples) -> dict:
     teacher = MDETRTeacher(model, tokenizer, preprocess, InferenceConfig(score_floor=0.0, top_k=5))
     result = evaluate_teacher(teacher, val_samples, show_progress=False)
@@ -171,6 +187,8 @@ def train(config: TrainConfig, show_progress: bool = True) -> dict:
     if num_train < config.batch_size or config.val_samples < 1:
         raise SgaError(f"{config.world} has {len(captions)} images: too few for --val-samples "
                        f"{config.val_samples} and --batch-size {config.batch_size}; generate a bigger world")
+    if config.init and not (out / TOKENIZER_DIR).is_dir():
+        shutil.copytree(Path(config.init) / TOKENIZER_DIR, out / TOKENIZER_DIR)
     if (out / TOKENIZER_DIR).is_dir():
         tokenizer = load_tokenizer(out / TOKENIZER_DIR)
     else:
@@ -179,6 +197,8 @@ def train(config: TrainConfig, show_progress: bool = True) -> dict:
 
     torch.manual_seed(config.seed)
     model = build_mdetr(model_config(config, len(tokenizer), aux_loss=True))
+    if config.init:
+        _init_weights(model, config.init)
     max_text_len = min(model.config.num_classes, model.config.text_encoder["max_position_embeddings"] - 2)
     examples, val_samples = [], []
     for i, sample in enumerate(progress(iter_world(config.world), total=len(captions), desc="prepare",
@@ -189,7 +209,8 @@ def train(config: TrainConfig, show_progress: bool = True) -> dict:
             val_samples.append(sample)
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    criterion = SetCriterion(HungarianMatcher(), CriterionConfig(contrastive_align=config.contrastive_align),
+    criterion = SetCriterion(HungarianMatcher(), CriterionConfig(eos_coef=config.eos_coef,
+                                                                 contrastive_align=config.contrastive_align),
                              num_aux=config.dec_layers - 1)
     step = _load_checkpoint(out, config, model, optimizer)
     model.train()

@@ -255,3 +255,4 @@ def test_file_uri(tmp_path):
     write_labelset_info(root, info)
     (back,) = iter_label_shard(root, "00000")
     assert back.key == rec.key and read_labelset_info(root).labelset_id == info.labelset_id
+

@@ -82,3 +82,21 @@ def test_lr_schedule_warms_up_holds_and_decays():
     later = [lr_at(config, s) for s in range(60, 101)]
     assert later == sorted(later, reverse=True)
     assert dataclasses.replace(config, steps=200).identity() != config.identity()
+
+
+def test_a_second_stage_starts_from_the_first_stages_weights(world, tmp_path):
+    first = tmp_path / "first"
+    train(_config(world, first), show_progress=False)
+    # Zero steps of a second stage: its model is exactly the first stage's, with the first's tokenizer.
+    second = tmp_path / "second"
+    train(_config(world, second, steps=0, init=str(first), eos_coef=0.5, dropout=0.0), show_progress=False)
+    a, b = _weights(first), _weights(second)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (second / "tokenizer" / "tokenizer.json").read_bytes() == \
+        (first / "tokenizer" / "tokenizer.json").read_bytes()
+    # Training on from there changes the weights; other sizes are refused with the fix.
+    train(_config(world, tmp_path / "third", steps=2, init=str(first), eos_coef=0.5), show_progress=False)
+    c = _weights(tmp_path / "third")
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+    with pytest.raises(SgaError, match="do not fit"):
+        train(_config(world, tmp_path / "bad", d_model=16, nheads=2, init=str(first)), show_progress=False)

@@ -28,6 +28,7 @@ from shards.labels import (
     alignment_matrix,
     iter_label_shard,
     labelset_uri,
+    list_label_shards,
     read_labelset_info,
     write_labelset_info,
 )
@@ -39,8 +40,7 @@ GT_TEACHER = "ground-truth"
 
 def label_shards(labelset: str) -> list[str]:
     """Finished shards of a label set (marker written), in name order."""
-    names = [n[: -len(".tar")] for n in fs.list_dir(labelset, ".tar")]
-    return [n for n in names if read_marker(labelset, n) is not None]
+    return [n for n in list_label_shards(labelset) if read_marker(labelset, n) is not None]
 
 
 def labelled_keys(labelset: str) -> list[str]:
