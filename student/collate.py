@@ -9,7 +9,9 @@ Input: the per-sample dicts of the contract ("Student batch"), as yielded by ``s
 The stages, in order: ITM caption swaps -> tokenisation (phrase character spans -> wordpiece indices
 through the offset mapping) -> MLM masking -> regions ([IMG] token, region masking) -> grounding pairs
 (:func:`student.sampling.sample_pairs`) -> padding. Every random choice uses the ``torch.Generator`` passed
-to the call, so a batch is a pure function of (samples, generator state).
+to the call, so a batch is a pure function of (samples, generator state). The batch is built in numpy (the
+generator's draws are read as numpy arrays) and becomes tensors once at the end: at B = 32, per-op overhead
+of small torch ops cost more than the arithmetic.
 
 Output keys (B samples, L wordpieces, V = R_max + 1 visual tokens with [IMG] first, P phrases,
 T wordpieces per phrase, N sampled pairs):
@@ -47,6 +49,7 @@ input corruption (no MLM masking without ``mlm``, no region masking without ``mr
 
 from __future__ import annotations
 
+from itertools import chain
 from typing import Any
 
 import numpy as np
@@ -56,9 +59,18 @@ from shards.errors import SgaError
 
 from .config import StudentConfig
 from .sampling import sample_pairs
-from .spatial import IMAGE_BOX, normalize_boxes
+from .spatial import IMAGE_BOX
+from .tokenizer import caption_encoder
 
 IGNORE_INDEX = -100
+
+
+def _float32_rows(arrays: list[np.ndarray]) -> np.ndarray:
+    """The rows of ``arrays`` (float16 ``[r_i, K]``) stacked as float32 ``[sum r_i, K]``.
+
+    Converted by torch: numpy's float16 -> float32 cast is about ten times slower.
+    """
+    return torch.from_numpy(np.concatenate(arrays)).float().numpy()
 
 
 class Collator:
@@ -69,13 +81,13 @@ class Collator:
             raise SgaError(f"tokenizer has {len(tokenizer)} tokens but config.vocab_size is "
                              f"{config.vocab_size}; set vocab_size = len(tokenizer)")
         self.tokenizer = tokenizer
+        self.encoder = caption_encoder(tokenizer, config.max_text_len)
         self.config = config
         special = set(tokenizer.all_special_ids)
         # MLM's random replacements are ordinary wordpieces, never [PAD]/[CLS]/[SEP]/[MASK]/[UNK].
-        self.random_ids = torch.tensor([i for i in range(len(tokenizer)) if i not in special])
+        self.random_ids = np.array([i for i in range(len(tokenizer)) if i not in special], dtype=np.int64)
         # Any wordpiece of the caption may be an MLM target ([UNK] too, as in BERT); the frame may not.
-        self.frame_ids = torch.tensor([tokenizer.cls_token_id, tokenizer.sep_token_id,
-                                       tokenizer.pad_token_id])
+        self.frame_ids = (tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id)
         # A disabled loss also disables its corruption: masking without a target only hides input.
         self.mlm_prob = config.mlm_prob if "mlm" in config.losses else 0.0
         self.mrc_prob = config.mrc_prob if "mrc" in config.losses else 0.0
@@ -91,137 +103,162 @@ class Collator:
                 raise ValueError(f"sample {s['key']}: align has shape {np.shape(s['align'])}, expected "
                                  f"(phrases, regions) = {expected}")
         partner = self._itm_partners(samples, generator)
-        captions = [samples[j]["caption"] for j in partner]
-        batch = self._text(captions, generator)
-        batch["itm_label"] = torch.tensor([float(i == j) for i, j in enumerate(partner)])
-        batch.update(self._regions(samples, generator))
-        spans = [samples[i]["phrase_spans"] if i == j else [] for i, j in enumerate(partner)]
-        aligns = [samples[i]["align"] for i in range(len(samples))]
-        batch.update(self._phrases(spans, aligns, batch.pop("offsets"), batch.pop("region_count"), generator))
-        return batch
+        matched = partner == np.arange(len(samples))
+        # One caption at a time: encode_batch is no faster at B = 32 and would start a thread pool.
+        encodings = [self.encoder.encode(samples[j]["caption"]) for j in partner]
+        batch = self._text(encodings, generator)
+        batch["itm_label"] = matched.astype(np.float32)
+        counts = np.array([min(len(s["boxes"]), self.config.max_regions) for s in samples])
+        batch.update(self._regions(samples, counts, generator))
+        batch.update(self._phrases(samples, matched, encodings, batch["attention_mask"], counts, generator))
+        return {k: torch.from_numpy(np.ascontiguousarray(v)) if isinstance(v, np.ndarray) else v
+                for k, v in batch.items()}
 
     # stage 1: ITM negatives ----------------------------------------------------------------------------
-    def _itm_partners(self, samples: list[dict], generator: torch.Generator) -> list[int]:
-        """Index of the sample whose caption each image gets: itself, or (ITM negative) another caption."""
+    def _itm_partners(self, samples: list[dict], generator: torch.Generator) -> np.ndarray:
+        """Index ``[B]`` of the sample whose caption each image gets: itself, or (ITM negative) another's."""
         n = len(samples)
-        partner = list(range(n))
+        partner = np.arange(n)
         if not self.use_itm or n < 2:
             return partner
-        swap = torch.rand(n, generator=generator) < self.config.itm_neg_prob
-        draws = torch.rand(n, generator=generator)
-        for i in swap.nonzero().flatten().tolist():
-            # A caption identical to the image's own would be a false negative.
-            others = [j for j in range(n) if samples[j]["caption"] != samples[i]["caption"]]
-            if others:
-                partner[i] = others[int(draws[i] * len(others))]
+        swap = torch.rand(n, generator=generator).numpy() < self.config.itm_neg_prob
+        draws = torch.rand(n, generator=generator).numpy()
+        # A caption identical to the image's own would be a false negative: candidates are the samples
+        # with another caption; the draw picks one of them, in sample order.
+        ids: dict[str, int] = {}
+        caption_id = np.array([ids.setdefault(s["caption"], len(ids)) for s in samples])
+        swapped = np.flatnonzero(swap)
+        others = caption_id[None, :] != caption_id[swapped, None]                  # [S, B]
+        n_others = others.sum(1)
+        has = n_others > 0
+        pick = (draws[swapped] * n_others.astype(np.float32)).astype(np.int64)      # float32, like the draws
+        nth = np.cumsum(others, axis=1) > pick[:, None]
+        partner[swapped[has]] = nth.argmax(1)[has]
         return partner
 
     # stage 2+3: tokens and MLM -------------------------------------------------------------------------
-    def _text(self, captions: list[str], generator: torch.Generator) -> dict[str, torch.Tensor]:
-        enc = self.tokenizer(captions, padding=True, truncation=True, max_length=self.config.max_text_len,
-                             return_offsets_mapping=True, return_tensors="pt")
-        ids = enc["input_ids"].long()
-        attention = enc["attention_mask"].bool()
-        candidates = attention & ~torch.isin(ids, self.frame_ids)
+    def _text(self, encodings: list, generator: torch.Generator) -> dict[str, np.ndarray]:
+        rows = [e.ids for e in encodings]
+        lengths = np.array([len(r) for r in rows])
+        # Padded on the right (BERT's side): ``attention`` lists the real slots in row-major order.
+        attention = np.arange(lengths.max()) < lengths[:, None]
+        ids = np.full(attention.shape, self.tokenizer.pad_token_id, np.int64)
+        ids[attention] = np.fromiter(chain.from_iterable(rows), np.int64, int(lengths.sum()))
         cfg = self.config
-        chosen = candidates & (torch.rand(ids.shape, generator=generator) < self.mlm_prob)
-        how = torch.rand(ids.shape, generator=generator)
+        pick = torch.rand(ids.shape, generator=generator).numpy()
+        how = torch.rand(ids.shape, generator=generator).numpy()
+        draw = torch.randint(len(self.random_ids), ids.shape, generator=generator).numpy()
+        random_tok = self.random_ids[draw]
+        candidates = attention.copy()
+        for frame_id in self.frame_ids:                     # three compares: cheaper than np.isin here
+            candidates &= ids != frame_id
+        chosen = candidates & (pick < self.mlm_prob)
         to_mask = chosen & (how < cfg.mlm_mask_frac)
         to_random = chosen & (how >= cfg.mlm_mask_frac) & (how < cfg.mlm_mask_frac + cfg.mlm_random_frac)
-        random_tok = self.random_ids[torch.randint(len(self.random_ids), ids.shape, generator=generator)]
-        labels = torch.where(chosen, ids, IGNORE_INDEX)
-        corrupted = torch.where(to_mask, self.tokenizer.mask_token_id, ids)
-        corrupted = torch.where(to_random, random_tok, corrupted)
-        return {"input_ids": corrupted, "attention_mask": attention, "mlm_labels": labels,
-                "offsets": enc["offset_mapping"]}
+        labels = np.where(chosen, ids, IGNORE_INDEX)
+        corrupted = np.where(to_mask, self.tokenizer.mask_token_id, ids)
+        corrupted = np.where(to_random, random_tok, corrupted)
+        return {"input_ids": corrupted, "attention_mask": attention, "mlm_labels": labels}
 
     # stage 4: regions ----------------------------------------------------------------------------------
-    def _regions(self, samples: list[dict], generator: torch.Generator) -> dict[str, torch.Tensor]:
+    def _regions(self, samples: list[dict], counts: np.ndarray,
+                 generator: torch.Generator) -> dict[str, np.ndarray]:
         cfg = self.config
-        counts = [min(len(s["boxes"]), cfg.max_regions) for s in samples]
-        B, V = len(samples), max(counts) + 1
-        # Gather into padded numpy arrays first: one torch conversion per batch, not per sample.
-        feats = np.zeros((B, V, cfg.feature_dim), np.float32)
-        pixels = np.zeros((B, V, 4), np.float32)
-        probs = np.zeros((B, V, cfg.num_classes), np.float32)
-        for b, (s, r) in enumerate(zip(samples, counts)):
-            if r == 0:
-                continue
-            if s["features"].shape[1] != cfg.feature_dim:
+        B, V = len(samples), int(counts.max()) + 1
+        for s, r in zip(samples, counts):
+            if r and s["features"].shape[1] != cfg.feature_dim:
                 raise SgaError(f"sample {s['key']}: features have dim {s['features'].shape[1]} but the "
                                f"student's feature_dim is {cfg.feature_dim}; build its config from this "
                                "region set")
-            feats[b, 1:r + 1] = s["features"][:r]
-            pixels[b, 1:r + 1] = s["boxes"][:r]
-            if s["cls_prob"] is not None:
-                probs[b, 1:r + 1] = s["cls_prob"][:r]
-        feats, probs = torch.from_numpy(feats), torch.from_numpy(probs)
-        sizes = torch.tensor([[s["image_w"], s["image_h"]] for s in samples], dtype=torch.float32)
-        boxes = normalize_boxes(torch.from_numpy(pixels), sizes[:, :1], sizes[:, 1:])
-        boxes[:, 0] = torch.tensor(IMAGE_BOX)
-        real = torch.arange(V)[None, :] <= torch.tensor(counts)[:, None]
+        real = np.arange(V)[None, :] <= counts[:, None]
         real[:, 0] = False                                                   # [IMG] is not a region
-        total = probs.sum(-1, keepdim=True)
+        # Every sample's rows go in one copy: ``real``'s flat indices list the padded slots in (sample,
+        # region) order.
+        feats = np.zeros((B * V, cfg.feature_dim), np.float32)
+        pixels = np.zeros((B * V, 4), np.float32)
+        probs = np.zeros((B * V, cfg.num_classes), np.float32)
+        if counts.any():
+            feats[np.flatnonzero(real)] = _float32_rows([s["features"][:r] for s, r in zip(samples, counts)])
+            pixels[np.flatnonzero(real)] = np.concatenate([s["boxes"][:r] for s, r in zip(samples, counts)])
+            with_cls = np.array([s["cls_prob"] is not None for s in samples])
+            if with_cls.any():
+                probs[np.flatnonzero(real & with_cls[:, None])] = _float32_rows(
+                    [s["cls_prob"][:r] for s, r in zip(samples, counts) if s["cls_prob"] is not None])
+        feats, pixels, probs = (a.reshape(B, V, -1) for a in (feats, pixels, probs))
+        # Normalised like student.spatial.normalize_boxes, in numpy: pixel xyxy / (w, h, w, h), in [0, 1].
+        sizes = np.array([(s["image_w"], s["image_h"]) for s in samples], np.float32)
+        boxes = np.clip(pixels / np.tile(sizes, 2)[:, None, :], 0.0, 1.0)
+        boxes[:, 0] = IMAGE_BOX
+        total = probs.sum(-1)
         # Only rows that are a distribution can be KL targets (none without cls_prob); renormalising
         # removes float16 rounding.
-        masked = real & (torch.rand(B, V, generator=generator) < self.mrc_prob) & (total[..., 0] > 0)
-        targets = torch.where(masked[..., None], probs / total.clamp(min=1e-12), 0.0)
-        kept = (real & ~masked).unsqueeze(-1)
-        # [IMG] is the mean of the regions the model still sees, so it cannot leak a masked feature.
-        feats[:, 0] = (feats * kept).sum(1) / kept.sum(1).clamp(min=1)
-        feats = torch.where(masked[..., None], 0.0, feats)
-        region_mask = real.clone()
+        masked = real & (torch.rand(B, V, generator=generator).numpy() < self.mrc_prob) & (total > 0)
+        targets = np.zeros_like(probs)
+        targets[masked] = probs[masked] / total[masked][:, None]
+        feats[masked] = 0.0
+        # [IMG] is the mean of the regions the model still sees, so it cannot leak a masked feature; masked
+        # and padding rows are zero, so the sum over all rows is the sum over the seen ones.
+        seen = (real & ~masked).sum(1)
+        feats[:, 0] = feats.sum(1) / np.maximum(seen, 1)[:, None]
+        region_mask = real.copy()
         region_mask[:, 0] = True
         return {"region_features": feats, "region_boxes": boxes, "region_mask": region_mask,
-                "mrc_mask": masked, "mrc_targets": targets, "region_count": torch.tensor(counts)}
+                "mrc_mask": masked, "mrc_targets": targets}
 
     # stage 5+6: phrases and grounding pairs ----------------------------------------------------------
-    def _phrases(self, spans: list[list], aligns: list[np.ndarray], offsets: torch.Tensor,
-                 region_count: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        B, L = offsets.shape[:2]
-        P, R = max(len(s) for s in spans), int(region_count.max())
-        span = torch.zeros(B, P, 2, dtype=torch.long)
-        given = torch.zeros(B, P, dtype=torch.bool)
-        align = torch.zeros(B, P, R, dtype=torch.bool)
-        for b, sample_spans in enumerate(spans):
-            if sample_spans:
-                n, r = len(sample_spans), int(region_count[b])
-                span[b, :n] = torch.tensor(sample_spans, dtype=torch.long).reshape(n, 2)
-                given[b, :n] = True
-                align[b, :n, :r] = torch.from_numpy(np.asarray(aligns[b], dtype=bool)[:, :r])
-        starts, ends = offsets[..., 0].unsqueeze(1), offsets[..., 1].unsqueeze(1)     # [B, 1, L]
+    def _phrases(self, samples: list[dict], matched: np.ndarray, encodings: list, attention: np.ndarray,
+                 counts: np.ndarray, generator: torch.Generator) -> dict[str, np.ndarray | torch.Tensor]:
+        B, L = attention.shape
+        own = [b for b in range(B) if matched[b] and samples[b]["phrase_spans"]]
+        n_phrases = np.zeros(B, np.int64)
+        n_phrases[own] = [len(samples[b]["phrase_spans"]) for b in own]
+        P, R = int(n_phrases.max()), int(counts.max())
+        given = np.arange(P) < n_phrases[:, None]                                       # [B, P]
+        span = np.zeros((B, P, 2), np.int64)
+        align = np.zeros((B, P, R), bool)
+        offsets = np.zeros((B, L, 2), np.int64)
+        if own:
+            # Filled like the regions: the flat slots of each mask, in (sample, phrase, ...) order.
+            span[given] = list(chain.from_iterable(samples[b]["phrase_spans"] for b in own))
+            align[given[..., None] & (np.arange(R) < counts[:, None, None])] = np.concatenate(
+                [np.asarray(samples[b]["align"], dtype=bool)[:, :counts[b]].ravel() for b in own])
+            # Character offsets only where a phrase needs them (a swapped caption has none).
+            rows = np.zeros(B, bool)
+            rows[own] = True
+            offsets[attention & rows[:, None]] = list(chain.from_iterable(encodings[b].offsets for b in own))
+        starts, ends = offsets[:, None, :, 0], offsets[:, None, :, 1]                    # [B, 1, L]
         # A wordpiece belongs to a phrase when their character ranges overlap; [CLS], [SEP] and padding
         # have the empty range (0, 0).
         inside = ((ends > span[..., :1]) & (starts < span[..., 1:]) & (ends > starts)
-                  & given.unsqueeze(-1))                                             # [B, P, L]
+                  & given[..., None])                                                # [B, P, L]
         kept = inside.any(-1)
-        # Compact each row: kept phrases first, in caption order; phrases lost to truncation go.
-        order = torch.argsort((~kept).to(torch.uint8), dim=1, stable=True)
-        P = int(kept.sum(1).max()) if kept.numel() else 0
-        order = order[:, :P]
-        kept = kept.gather(1, order)
-        inside = inside.gather(1, order[..., None].expand(-1, -1, L))
-        align = align.gather(1, order[..., None].expand(-1, -1, R))
+        if not np.array_equal(kept, given):
+            # Compact each row: kept phrases first, in caption order; phrases lost to truncation go.
+            order = np.argsort(~kept, axis=1, kind="stable")[:, :int(kept.sum(1).max())]
+            kept = np.take_along_axis(kept, order, 1)
+            inside = np.take_along_axis(inside, order[..., None], 1)
+            align = np.take_along_axis(align, order[..., None], 1)
         lengths = inside.sum(-1)
-        T = max(1, int(lengths.max())) if lengths.numel() else 1
-        positions = torch.where(inside, torch.arange(L), L).sort(-1).values[..., :T]
-        token_mask = torch.arange(T) < lengths.unsqueeze(-1)
-        out = {"phrase_tokens": torch.where(token_mask, positions, 0), "phrase_token_mask": token_mask,
+        T = max(1, int(lengths.max())) if lengths.size else 1
+        positions = np.sort(np.where(inside, np.arange(L), L), -1)[..., :T]
+        token_mask = np.arange(T) < lengths[..., None]
+        out = {"phrase_tokens": np.where(token_mask, positions, 0), "phrase_token_mask": token_mask,
                "phrase_mask": kept}
-        out.update(self._pairs(align, kept, region_count, generator))
+        out.update(self._pairs(align, kept, counts, generator))
         return out
 
-    def _pairs(self, align: torch.Tensor, kept: torch.Tensor, region_count: torch.Tensor,
-               generator: torch.Generator) -> dict[str, torch.Tensor]:
+    def _pairs(self, align: np.ndarray, kept: np.ndarray, counts: np.ndarray,
+               generator: torch.Generator) -> dict[str, np.ndarray | torch.Tensor]:
         """Sample pairs over the kept phrases; ``align`` is ``[B, P, R]`` M, ``kept`` ``[B, P]``."""
-        owners = kept.nonzero()                                          # [Q, 2]: (sample, phrase slot)
+        owners = np.argwhere(kept)                                       # [Q, 2]: (sample, phrase slot)
         if not self.use_gnd or len(owners) == 0:
-            empty = torch.zeros(0, dtype=torch.long)
+            empty = np.zeros(0, np.int64)
             return {"gnd_batch": empty, "gnd_phrase": empty, "gnd_region": empty,
-                    "gnd_label": torch.zeros(0)}
+                    "gnd_label": np.zeros(0, np.float32)}
         rows = align[kept]                                               # [Q, R]
-        valid = torch.arange(rows.shape[1]) < region_count[owners[:, 0]].unsqueeze(1)
+        valid = np.arange(rows.shape[1]) < counts[owners[:, 0], None]
         phrase, region, label = sample_pairs(rows, valid, self.config.gnd_pairs_per_phrase,
                                              self.config.gnd_pos_fraction, generator)
+        phrase = phrase.numpy()
         return {"gnd_batch": owners[phrase, 0], "gnd_phrase": owners[phrase, 1],
                 "gnd_region": region + 1, "gnd_label": label.float()}
