@@ -68,8 +68,10 @@ def raw_pass(plan) -> tuple[int, float]:
     import webdataset as wds
 
     from shards import fs
+    from shards.labels import label_shard_uri
 
-    urls = [fs.join(root, f"{s}.tar") for s in plan.shards for root in (plan.regions, plan.labelset)]
+    urls = [url for s in plan.shards
+            for url in (fs.join(plan.regions, f"{s}.tar"), label_shard_uri(plan.labelset, s))]
     start = time.perf_counter()
     pipeline = wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples())
     count = sum(1 for sample in pipeline if sample["__url__"].startswith(plan.regions))

@@ -65,11 +65,14 @@ from .tokenizer import caption_encoder
 IGNORE_INDEX = -100
 
 
-def _float32_rows(arrays: list[np.ndarray]) -> np.ndarray:
-    """The rows of ``arrays`` (float16 ``[r_i, K]``) stacked as float32 ``[sum r_i, K]``.
+def _rows(arrays: list[np.ndarray], width: int) -> np.ndarray:
+    """The rows of ``arrays`` (each ``[r_i, width]``) stacked as float32 ``[sum r_i, width]``.
 
-    Converted by torch: numpy's float16 -> float32 cast is about ten times slower.
+    float16 is converted by torch: numpy's float16 -> float32 cast is about ten times slower.
     """
+    arrays = [a for a in arrays if len(a)]
+    if not arrays:
+        return np.zeros((0, width), np.float32)
     return torch.from_numpy(np.concatenate(arrays)).float().numpy()
 
 
@@ -172,38 +175,46 @@ class Collator:
                                "region set")
         real = np.arange(V)[None, :] <= counts[:, None]
         real[:, 0] = False                                                   # [IMG] is not a region
-        # Every sample's rows go in one copy: ``real``'s flat indices list the padded slots in (sample,
-        # region) order.
-        feats = np.zeros((B * V, cfg.feature_dim), np.float32)
-        pixels = np.zeros((B * V, 4), np.float32)
-        probs = np.zeros((B * V, cfg.num_classes), np.float32)
-        if counts.any():
-            feats[np.flatnonzero(real)] = _float32_rows([s["features"][:r] for s, r in zip(samples, counts)])
-            pixels[np.flatnonzero(real)] = np.concatenate([s["boxes"][:r] for s, r in zip(samples, counts)])
-            with_cls = np.array([s["cls_prob"] is not None for s in samples])
-            if with_cls.any():
-                probs[np.flatnonzero(real & with_cls[:, None])] = _float32_rows(
-                    [s["cls_prob"][:r] for s, r in zip(samples, counts) if s["cls_prob"] is not None])
-        feats, pixels, probs = (a.reshape(B, V, -1) for a in (feats, pixels, probs))
-        # Normalised like student.spatial.normalize_boxes, in numpy: pixel xyxy / (w, h, w, h), in [0, 1].
-        sizes = np.array([(s["image_w"], s["image_h"]) for s in samples], np.float32)
-        boxes = np.clip(pixels / np.tile(sizes, 2)[:, None, :], 0.0, 1.0)
-        boxes[:, 0] = IMAGE_BOX
-        total = probs.sum(-1)
+        # Work on the regions' rows stacked in (sample, region) order, then place them in the padded batch
+        # at once: ``slots`` are their flat indices there, ``owner`` their samples.
+        slots = np.flatnonzero(real)
+        owner = np.repeat(np.arange(B), counts)
+        has_cls = np.array([s["cls_prob"] is not None for s in samples])
+        probs = np.zeros((len(slots), cfg.num_classes), np.float32)
+        probs[has_cls[owner]] = _rows([s["cls_prob"][:r] for s, r in zip(samples, counts)
+                                       if s["cls_prob"] is not None], cfg.num_classes)
+        total = probs.sum(1)
         # Only rows that are a distribution can be KL targets (none without cls_prob); renormalising
         # removes float16 rounding.
-        masked = real & (torch.rand(B, V, generator=generator).numpy() < self.mrc_prob) & (total > 0)
-        targets = np.zeros_like(probs)
-        targets[masked] = probs[masked] / total[masked][:, None]
-        feats[masked] = 0.0
-        # [IMG] is the mean of the regions the model still sees, so it cannot leak a masked feature; masked
-        # and padding rows are zero, so the sum over all rows is the sum over the seen ones.
-        seen = (real & ~masked).sum(1)
-        feats[:, 0] = feats.sum(1) / np.maximum(seen, 1)[:, None]
+        draw = torch.rand(B, V, generator=generator).numpy().reshape(-1)[slots]
+        masked = (draw < self.mrc_prob) & (total > 0)
+        rows = _rows([s["features"][:r] for s, r in zip(samples, counts)], cfg.feature_dim)
+        rows[masked] = 0.0
+        # [IMG] (slot 0 of each sample) is the mean of the regions the model still sees, so it cannot leak a
+        # masked feature.
+        first = np.arange(B) * V
+        feats = np.zeros((B * V, cfg.feature_dim), np.float32)
+        feats[slots] = rows
+        nonempty = counts > 0
+        if nonempty.any():
+            feats[first[nonempty]] = np.add.reduceat(rows, (np.cumsum(counts) - counts)[nonempty])
+        feats[first] /= np.maximum(np.bincount(owner[~masked], minlength=B), 1)[:, None]
+        # Normalised like student.spatial.normalize_boxes: pixel xyxy / (w, h, w, h), clamped to [0, 1].
+        sizes = np.array([(s["image_w"], s["image_h"]) for s in samples], np.float32)
+        boxes = np.zeros((B * V, 4), np.float32)
+        boxes[slots] = np.clip(_rows([s["boxes"][:r] for s, r in zip(samples, counts)], 4)
+                               / np.tile(sizes, 2)[owner], 0.0, 1.0)
+        boxes[first] = IMAGE_BOX
+        targets = np.zeros((B * V, cfg.num_classes), np.float32)
+        targets[slots[masked]] = probs[masked] / total[masked, None]
+        mrc_mask = np.zeros(B * V, bool)
+        mrc_mask[slots[masked]] = True
+        feats, boxes, targets, mrc_mask = (x.reshape(B, V, *x.shape[1:])
+                                           for x in (feats, boxes, targets, mrc_mask))
         region_mask = real.copy()
         region_mask[:, 0] = True
         return {"region_features": feats, "region_boxes": boxes, "region_mask": region_mask,
-                "mrc_mask": masked, "mrc_targets": targets}
+                "mrc_mask": mrc_mask, "mrc_targets": targets}
 
     # stage 5+6: phrases and grounding pairs ----------------------------------------------------------
     def _phrases(self, samples: list[dict], matched: np.ndarray, encodings: list, attention: np.ndarray,

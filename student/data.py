@@ -32,6 +32,7 @@ never its decoders. Training processes also run with ``WDS_SECURE=1`` (:func:`st
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import logging
@@ -43,6 +44,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pyarrow.parquet as pq
 import torch
 import webdataset as wds
@@ -51,7 +53,14 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from shards import fs
 from shards.errors import SampleError, SgaError, ShardReadError
 from shards.labels import INFO_NAME as LABELSET_INFO
-from shards.labels import alignment_matrix, decode_labels, read_labelset_info
+from shards.labels import MEMBER as LABEL_MEMBER
+from shards.labels import (
+    alignment_matrix,
+    decode_labels,
+    label_shard_uri,
+    list_label_shards,
+    read_labelset_info,
+)
 from shards.manifest import OK, manifest_uri, read_marker
 from shards.regions import decode_regions
 from shards.tario import TarSample, iter_tar
@@ -118,7 +127,7 @@ def plan_shards(cfg: DataConfig) -> ShardPlan:
                            f"{labelset}: boxes under the floor were not stored; relabel with a lower floor")
         thresholds = (float(score), float(iou))
     region_names = {n[:-4] for n in fs.list_dir(cfg.regions, ".tar")}
-    label_names = {n[:-4] for n in fs.list_dir(labelset, ".tar")}
+    label_names = set(list_label_shards(labelset))
     left_out: dict[str, list[str]] = {
         "no_labels": sorted(region_names - label_names),
         "no_regions": sorted(label_names - region_names),
@@ -245,7 +254,7 @@ class PairedSamples:
         """The shard's label samples by key, and the keys its manifest rejected."""
         labels: dict[str, TarSample] = {}
         try:
-            for sample in iter_tar(fs.join(self.plan.labelset, f"{shard}.tar")):
+            for sample in iter_tar(label_shard_uri(self.plan.labelset, shard)):
                 labels[sample.key] = sample
         except ShardReadError as exc:
             self.stats["damaged_label_shards"] += 1
@@ -290,17 +299,50 @@ class PairedSamples:
                                "readable and their keys match")
 
 
+# What a malformed label JSON raises while it is read (base64 and JSON errors are ValueErrors).
+MALFORMED = (ValueError, TypeError, KeyError, AttributeError)
+
+
+def label_fields(sample: TarSample) -> tuple[str, list[tuple[int, int]], int, np.ndarray]:
+    """``(caption, phrase spans, num_regions, align bool [P, R])`` of a label sample, read straight from its
+    JSON; raises one of :data:`MALFORMED` when a field the student uses is missing or out of range.
+
+    ``decode_labels`` also converts and checks every phrase's teacher boxes, which the student needs only
+    to recompute M (:class:`DecodeSamples` then uses it); that made it most of the label decoding time.
+    """
+    if sample.problems or LABEL_MEMBER not in sample.members:
+        raise ValueError("; ".join(sample.problems) or f"missing member {LABEL_MEMBER}")
+    body = json.loads(sample.members[LABEL_MEMBER])
+    caption, num_regions = body["caption"], body["num_regions"]
+    spans = [(start, end) for start, end in (p["span"] for p in body["phrases"])]
+    if not isinstance(caption, str) or type(num_regions) is not int or num_regions < 0:
+        raise ValueError("caption must be a string and num_regions a non-negative integer")
+    for start, end in spans:
+        if type(start) is not int or type(end) is not int or not 0 <= start < end <= len(caption):
+            raise ValueError(f"phrase span [{start}, {end}) is outside the caption")
+    size = len(spans) * num_regions
+    bits = np.frombuffer(base64.b64decode(body["align"], validate=True), dtype=np.uint8)
+    if bits.size != (size + 7) // 8:
+        raise ValueError(f"align has {bits.size} bytes, expected {(size + 7) // 8}")
+    align = np.unpackbits(bits, count=size).view(bool).reshape(len(spans), num_regions)
+    return caption, spans, num_regions, align
+
+
 class DecodeSamples:
     """Stage 3: raw pairs -> the per-sample dicts :class:`student.collate.Collator` takes.
 
     Keys: key, caption, phrase_spans [(start, end)], align bool [P, R], boxes float32 [R, 4] pixel xyxy,
     features float16 [R, D], cls_prob float16 [R, C] or None, image_w, image_h.
+
+    Regions are decoded and checked whole (``decode_regions``). Labels are read by :func:`label_fields`
+    (the fields the student uses), or with re-thresholding by ``decode_labels`` (the teacher boxes too).
     """
 
     def __init__(self, plan: ShardPlan, stats: Counter):
         self.plan, self.stats = plan, stats
 
     def __call__(self, pairs: Iterator[tuple[TarSample, TarSample]]) -> Iterator[dict[str, Any]]:
+        thresholds = self.plan.thresholds
         for region_raw, label_raw in pairs:
             try:
                 region = decode_regions(region_raw)
@@ -308,20 +350,23 @@ class DecodeSamples:
                 self.stats["bad_regions"] += 1
                 continue
             try:
-                label = decode_labels(label_raw)
-            except SampleError:
+                if thresholds is None:
+                    caption, spans, num_regions, align = label_fields(label_raw)
+                else:
+                    label = decode_labels(label_raw)
+                    caption, num_regions = label.caption, label.num_regions
+                    spans = [(p.start, p.end) for p in label.phrases]
+            except (SampleError, *MALFORMED):
                 self.stats["bad_labels"] += 1
                 continue
-            if label.num_regions != region.num_boxes:
+            if num_regions != region.num_boxes:
                 # The labels were aligned to another region set: M's columns would point at wrong regions.
                 self.stats["region_count_mismatch"] += 1
                 continue
-            align = label.align
-            if self.plan.thresholds is not None:
-                align = alignment_matrix(label.phrases, region.boxes, *self.plan.thresholds)
+            if thresholds is not None:
+                align = alignment_matrix(label.phrases, region.boxes, *thresholds)
             self.stats["samples"] += 1
-            yield {"key": region.key, "caption": label.caption,
-                   "phrase_spans": [(p.start, p.end) for p in label.phrases], "align": align,
+            yield {"key": region.key, "caption": caption, "phrase_spans": spans, "align": align,
                    "boxes": region.boxes, "features": region.features, "cls_prob": region.cls_prob,
                    "image_w": region.image_w, "image_h": region.image_h}
 
