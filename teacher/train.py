@@ -145,6 +145,9 @@ def _load_checkpoint(out: Path, config: TrainConfig, model, optimizer) -> int:
     # what the new schedule would have done (same warm-up, same constant lr, same batches).
     saved_steps = saved.pop("steps")
     ours = {k: v for k, v in config.identity().items() if k != "steps"}
+    # Settings added after a checkpoint was written were then at their defaults.
+    defaults = TrainConfig(world="", out="").identity()
+    saved = {**{k: defaults[k] for k in ours if k not in saved}, **saved}
     if saved != ours:
         raise SgaError(f"{path} was written by a run with other settings; rerun with the same options, or "
                        "pass a new --out (or delete that directory) to start over")

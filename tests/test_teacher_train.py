@@ -71,6 +71,20 @@ def test_resume_refuses_changed_settings(world, tmp_path):
         train(_config(world, decaying, steps=4, decay_start=0.5), show_progress=False)
 
 
+def test_checkpoints_from_before_a_new_setting_resume_at_its_default(world, tmp_path):
+    out = tmp_path / "run"
+    train(_config(world, out, steps=2), show_progress=False)
+    path = out / "train_state" / "checkpoint.pt"
+    state = torch.load(path, weights_only=True)
+    identity = json.loads(state["identity"])
+    del identity["eos_coef"]                       # as written before --eos-coef existed
+    state["identity"] = json.dumps(identity, sort_keys=True)
+    torch.save(state, path)
+    with pytest.raises(SgaError, match="other settings"):
+        train(_config(world, out, steps=4, eos_coef=0.5), show_progress=False)
+    assert train(_config(world, out, steps=4), show_progress=False)["steps"] == 4
+
+
 def test_lr_schedule_warms_up_holds_and_decays():
     config = TrainConfig(world="w", out="o", steps=100, lr=1.0, warmup_steps=10, decay_start=0.6,
                          min_lr_ratio=0.1)
