@@ -5,7 +5,9 @@ Every test streams real tar shards written by the shard writers (tests/student_f
 
 from __future__ import annotations
 
+import base64
 import io
+import json
 import logging
 import os
 import pickle
@@ -15,16 +17,25 @@ import pytest
 import torch
 from student_fixtures import make_info, make_shards
 
-from shards.errors import SgaError
-from shards.labels import alignment_matrix, iter_label_shard, read_labelset_info
+from shards.errors import SampleError, SgaError
+from shards.labels import (
+    alignment_matrix,
+    decode_labels,
+    iter_label_shard,
+    label_shard_uri,
+    read_labelset_info,
+)
 from shards.manifest import read_manifest
-from shards.regions import iter_region_shard
-from shards.tario import TarShardWriter, iter_tar
+from shards.regions import decode_regions, iter_region_shard
+from shards.tario import TarSample, TarShardWriter, iter_tar
 from student.data import (
+    MALFORMED,
     DataConfig,
     StudentLoader,
     decoded_samples,
+    label_fields,
     plan_shards,
+    region_fields,
 )
 
 torch.set_num_threads(1)
@@ -114,7 +125,7 @@ def test_damaged_shards_are_skipped_with_a_warning_and_counted(tmp_path, caplog)
         data = f.read()
     with open(tar, "wb") as f:
         f.write(data[: len(data) // 2])                                   # truncated mid-sample
-    with open(os.path.join(labels, "00002.tar"), "wb") as f:
+    with open(label_shard_uri(labels, "00002"), "wb") as f:
         f.write(b"\x00garbage" * 100)                                    # not a tar at all
     caplog.set_level(logging.WARNING, logger="student.data")
     loader = StudentLoader(plan_shards(config(tmp_path)), config(tmp_path), keys_collate, 0, 1, accum=1)
@@ -125,6 +136,94 @@ def test_damaged_shards_are_skipped_with_a_warning_and_counted(tmp_path, caplog)
     keys = {k for b, _ in batches for k in b["keys"]}
     assert not any(k.startswith("00002") for k in keys)                # no labels survived there
     assert "damaged region shard" in caplog.text and "damaged label shard" in caplog.text
+
+
+def _npy(arr) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(arr), allow_pickle=True)
+    return buf.getvalue()
+
+
+def _edit_json(data: bytes, **fields) -> bytes:
+    return json.dumps({**json.loads(data), **fields}).encode()
+
+
+def _rejects(decode, sample) -> bool:
+    try:
+        decode(sample)
+    except (SampleError, *MALFORMED):
+        return True
+    return False
+
+
+REGION_DAMAGE = {
+    "nan feature": lambda m: {"features.npy": _npy(np.full((3, 4), np.nan, np.float16))},
+    "inf box": lambda m: {"boxes.npy": _npy(np.full((3, 4), np.inf, np.float32))},
+    "float64 boxes": lambda m: {"boxes.npy": _npy(np.zeros((3, 4)))},
+    "boxes [R, 3]": lambda m: {"boxes.npy": _npy(np.zeros((3, 3), np.float32))},
+    "a row short": lambda m: {"features.npy": _npy(np.zeros((2, 4), np.float16))},
+    "no feature columns": lambda m: {"features.npy": _npy(np.zeros((3, 0), np.float16))},
+    "class prob 1.5": lambda m: {"cls_prob.npy": _npy(np.full((3, 2), 1.5, np.float16))},
+    "class prob < 0": lambda m: {"cls_prob.npy": _npy(np.full((3, 2), -0.5, np.float16))},
+    "nan class prob": lambda m: {"cls_prob.npy": _npy(np.full((3, 2), np.nan, np.float16))},
+    "float32 class probs": lambda m: {"cls_prob.npy": _npy(np.full((3, 2), 0.5, np.float32))},
+    "object array": lambda m: {"features.npy": _npy(np.array([None, 1], dtype=object))},
+    "num_boxes off": lambda m: {"json": _edit_json(m["json"], num_boxes=4)},
+    "zero width": lambda m: {"json": _edit_json(m["json"], image_w=0)},
+    "height as text": lambda m: {"json": _edit_json(m["json"], image_h="9")},
+    "height true": lambda m: {"json": _edit_json(m["json"], image_h=True)},
+    "json garbage": lambda m: {"json": b"{not json"},
+    "json list": lambda m: {"json": b"[1, 2]"},
+    "features missing": lambda m: {"features.npy": None},
+}
+
+
+@pytest.mark.parametrize("damage", sorted(REGION_DAMAGE))
+def test_region_fast_path_rejects_what_decode_regions_rejects(damage):
+    good = {"boxes.npy": _npy(np.array([[0, 0, 4, 4]] * 3, np.float32)),
+            "features.npy": _npy(np.ones((3, 4), np.float16)),
+            "cls_prob.npy": _npy(np.full((3, 2), 0.5, np.float16)),
+            "json": json.dumps({"image_w": 8, "image_h": 6, "num_boxes": 3, "id": 1}).encode()}
+    for members in (good, {k: v for k, v in good.items() if k != "cls_prob.npy"}):
+        sample = TarSample("000000000", members)
+        fields, record = region_fields(sample), decode_regions(sample)
+        for name in ("boxes", "features", "cls_prob", "image_w", "image_h"):
+            np.testing.assert_array_equal(fields[name], getattr(record, name))
+    members = {k: v for k, v in {**good, **REGION_DAMAGE[damage](good)}.items() if v is not None}
+    sample = TarSample("000000000", members)
+    assert _rejects(decode_regions, sample) and _rejects(region_fields, sample)
+    assert _rejects(region_fields, TarSample("000000000", good, ["member json repeated"]))
+
+
+LABEL_DAMAGE = {
+    "span reversed": {"phrases": [{"span": [5, 2], "boxes": [], "scores": []}]},
+    "span past the caption": {"phrases": [{"span": [2, 40], "boxes": [], "scores": []}]},
+    "float span": {"phrases": [{"span": [0.0, 3], "boxes": [], "scores": []}]},
+    "three-number span": {"phrases": [{"span": [0, 1, 2], "boxes": [], "scores": []}]},
+    "negative regions": {"num_regions": -1, "align": ""},
+    "regions true": {"num_regions": True},
+    "caption not text": {"caption": 7},
+    "align too short": {"align": base64.b64encode(b"").decode()},
+    "align not base64": {"align": "!!"},
+    "phrases missing": {"phrases": None},
+}
+
+
+@pytest.mark.parametrize("damage", sorted(LABEL_DAMAGE))
+def test_label_fast_path_rejects_what_decode_labels_rejects(damage):
+    body = {"caption": "a red star", "image_w": 8, "image_h": 6, "num_regions": 3,
+            "phrases": [{"span": [0, 10], "boxes": [0, 0, 4, 4], "scores": [0.9]}],
+            "align": base64.b64encode(np.packbits([True, False, True])).decode()}
+    sample = TarSample("000000000", {"labels.json": json.dumps(body).encode()})
+    caption, spans, regions, align = label_fields(sample)
+    record = decode_labels(sample)
+    assert (caption, spans, regions) == (record.caption, [(0, 10)], record.num_regions)
+    np.testing.assert_array_equal(align, record.align)
+    bad = TarSample("000000000", {"labels.json": json.dumps({**body, **LABEL_DAMAGE[damage]}).encode()})
+    assert _rejects(decode_labels, bad) and _rejects(label_fields, bad)
+    # Teacher boxes are read only to recompute M, where decode_labels checks them.
+    unused = {**body, "phrases": [{"span": [0, 10], "boxes": [float("nan")] * 4, "scores": [0.9]}]}
+    assert not _rejects(label_fields, TarSample("000000000", {"labels.json": json.dumps(unused).encode()}))
 
 
 class Trap:
