@@ -10,8 +10,8 @@ The stages, in order: ITM caption swaps -> tokenisation (phrase character spans 
 through the offset mapping) -> MLM masking -> regions ([IMG] token, region masking) -> grounding pairs
 (:func:`student.sampling.sample_pairs`) -> padding. Every random choice uses the ``torch.Generator`` passed
 to the call, so a batch is a pure function of (samples, generator state). The batch is built in numpy (the
-generator's draws are read as numpy arrays) and becomes tensors once at the end: at B = 32, per-op overhead
-of small torch ops cost more than the arithmetic.
+generator's draws are read as numpy arrays) and becomes tensors once at the end: at B = 32, the per-op
+overhead of small torch ops costs more than their arithmetic.
 
 Output keys (B samples, L wordpieces, V = R_max + 1 visual tokens with [IMG] first, P phrases,
 T wordpieces per phrase, N sampled pairs):
@@ -236,7 +236,9 @@ class Collator:
             # Character offsets only where a phrase needs them (a swapped caption has none).
             rows = np.zeros(B, bool)
             rows[own] = True
-            offsets[attention & rows[:, None]] = list(chain.from_iterable(encodings[b].offsets for b in own))
+            pairs = chain.from_iterable(encodings[b].offsets for b in own)
+            offsets[attention & rows[:, None]] = np.fromiter(
+                chain.from_iterable(pairs), np.int64).reshape(-1, 2)
         starts, ends = offsets[:, None, :, 0], offsets[:, None, :, 1]                    # [B, 1, L]
         # A wordpiece belongs to a phrase when their character ranges overlap; [CLS], [SEP] and padding
         # have the empty range (0, 0).

@@ -56,18 +56,12 @@ def water_fill(capacity: ArrayLike, start: ArrayLike, total: int, priority: Arra
     if total <= 0:
         return np.zeros_like(capacity)
 
-    def filled(level: int) -> np.ndarray:
-        return np.minimum(np.maximum(level - start, 0), capacity)
-
-    # Largest level L whose full fill fits in the budget; fill(L) is non-decreasing in L.
-    lo, hi = int(start.min()), int((start + capacity).max())
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if int(filled(mid).sum()) <= total:
-            lo = mid
-        else:
-            hi = mid - 1
-    share = filled(lo)
+    # Largest level L whose full fill fits in the budget, from the fill of every level at once (fill(L) is
+    # non-decreasing in L; levels run up to the fullest bin, a few dozen at most).
+    levels = np.arange(int(start.min()), int((start + capacity).max()) + 1)
+    fills = np.minimum(np.maximum(levels[:, None] - start, 0), capacity)           # [levels, P]
+    lo = int(np.searchsorted(fills.sum(1), total, side="right")) - 1
+    share, lo = fills[lo], int(levels[lo])
     rest = total - int(share.sum())
     # The remainder goes one each to bins sitting exactly at level L with room left, by priority.
     eligible = (start + share == lo) & (share < capacity)

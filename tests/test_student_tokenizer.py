@@ -6,6 +6,7 @@ from shards.errors import SgaError
 from shards.synthetic.world import WorldConfig, build_world
 from student.tokenizer import (
     DEFAULT_TOKENIZER_DIR,
+    caption_encoder,
     load_tokenizer,
     train_wordpiece,
     word_coverage,
@@ -50,3 +51,15 @@ def test_shipped_tokenizer_keeps_every_word_of_a_fresh_world_whole(tmp_path):
     cover = word_coverage(tok, texts)
     assert cover["unknown"] == 0 and cover["split"] == 0, cover
     assert cover["vocab_size"] == len(load_tokenizer(DEFAULT_TOKENIZER_DIR)) < 1000
+
+
+def test_caption_encoder_matches_the_tokenizer_call_and_leaves_it_unchanged():
+    tok = load_tokenizer()
+    texts = [*CAPTIONS[:3], "Crème brûlée [SEP] a red cube", "", "zebra ~ " * 20]
+    for max_length in (6, 64):
+        encoder = caption_encoder(tok, max_length)
+        for text in texts:
+            want = tok(text, truncation=True, max_length=max_length, return_offsets_mapping=True)
+            got = encoder.encode(text)
+            assert got.ids == want["input_ids"] and got.offsets == list(want["offset_mapping"])
+    assert len(tok("zebra ~ " * 20)["input_ids"]) > 64             # the shared tokenizer still does not cut
