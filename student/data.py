@@ -5,7 +5,7 @@ The pipeline of every loader worker is an explicit list of webdataset stages::
     shard source  (resampled: shards drawn with replacement; split: this rank's and worker's slice, cycled)
     -> paired samples (region shard N and label shard N read together, joined by key, manifest errors dropped)
     -> sample shuffle buffer
-    -> decode (plain .npy with allow_pickle=False and JSON; optional re-thresholding of M)
+    -> decode (plain .npy, never pickle, and JSON; optional re-thresholding of M)
     -> batched (lists of samples)
     .with_epoch(batches per worker)
 
@@ -26,8 +26,9 @@ Damaged shards and bad samples never stop training: they are skipped, logged onc
 in the stats dict each batch carries.
 
 Nothing here can unpickle: tars are read as raw bytes by :mod:`shards.tario` and decoded only by
-``decode_regions``/``decode_labels`` (``np.load(allow_pickle=False)``, JSON); webdataset contributes stages,
-never its decoders. Training processes also run with ``WDS_SECURE=1`` (:func:`student.train.train`).
+:func:`region_fields`, :func:`label_fields` and ``decode_labels`` (``shards.npy.load_npy``, which refuses
+object arrays, and JSON); webdataset contributes stages, never its decoders. Training processes also run
+with ``WDS_SECURE=1`` (:func:`student.train.train`).
 """
 
 from __future__ import annotations
