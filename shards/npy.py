@@ -8,6 +8,7 @@ time. Headers of plain arrays have one fixed shape, read here with a regular exp
 from __future__ import annotations
 
 import io
+import math
 import re
 
 import numpy as np
@@ -30,7 +31,7 @@ def load_npy(data: bytes) -> np.ndarray:
             if dtype.hasobject:
                 raise ValueError("object arrays are not allowed (they would need pickle)")
             shape = tuple(int(d) for d in match.group(3).replace(" ", "").split(",") if d)
-            count = int(np.prod(shape, dtype=np.int64))
+            count = math.prod(shape)  # exact Python ints; np.prod costs ~9 us per call here
             if len(data) - (start + size) != count * dtype.itemsize:
                 got = len(data) - start - size
                 raise ValueError(f"array data has {got} bytes, header says {shape} {dtype}")
