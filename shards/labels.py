@@ -1,9 +1,10 @@
 """Label shards: per caption, its noun phrases, the teacher's boxes per phrase and the phrase x region matrix.
 
-A label set lives in ``LABELS/<labelset_id>/``: ``NNNNN.tar`` (one member ``KEY.labels.json`` per labelled
-sample), the manifest ``NNNNN.parquet`` and marker ``NNNNN_stats.json`` (``shards.manifest``), and
-``labelset.json`` (the :class:`LabelSetInfo`). Every label tar also carries the info in its PAX global
-header, so a shard copied on its own still names its teacher. ``shards/FORMAT.md`` documents the JSON.
+A label set lives in ``LABELS/<labelset_id>/``: ``NNNNN.tar.gz`` (one member ``KEY.labels.json`` per
+labelled sample, gzip-compressed: a label is a few hundred bytes, less than its tar header and padding),
+the manifest ``NNNNN.parquet`` and marker ``NNNNN_stats.json`` (``shards.manifest``), and ``labelset.json``
+(the :class:`LabelSetInfo`). Every label tar also carries the info in its PAX global header, so a shard
+copied on its own still names its teacher. ``shards/FORMAT.md`` documents the JSON.
 
 Every teacher box above the set's ``score_floor`` is kept, so the matrix can be re-derived at other
 thresholds with :func:`alignment_matrix` without relabelling.
@@ -257,15 +258,15 @@ def _pax_headers(info: LabelSetInfo) -> dict[str, str]:
 
 
 class LabelShardWriter:
-    """Write ``LABELSET/NNNNN.tar`` atomically with the set's provenance in its PAX global header.
+    """Write ``LABELSET/NNNNN.tar.gz`` atomically with the set's provenance in its PAX global header.
 
     Use as a context manager; ``.write(rec)`` per labelled sample (rejected samples go only to the manifest).
     """
 
     def __init__(self, labelset_uri: str, shard: str, info: LabelSetInfo):
-        self.uri = fs.join(labelset_uri, shard + LEGACY_SUFFIX)
+        self.uri = fs.join(labelset_uri, shard + SHARD_SUFFIX)
         self.info = info
-        self._tar = TarShardWriter(self.uri, pax_headers=_pax_headers(info))
+        self._tar = TarShardWriter(self.uri, pax_headers=_pax_headers(info), gzip=True)
 
     @property
     def count(self) -> int:

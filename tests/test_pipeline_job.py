@@ -120,7 +120,7 @@ def test_default_job_rerun_tools_and_new_teacher_with_killed_workers(ray_instanc
     assert result["shards_done"] == result["shards_labeled"] == 1
     assert_exactly_once(result["labels"], str(world / "images"))
     assert not [p for p in Path(result["labels"]).iterdir() if ".tmp-" in p.name]   # leftovers cleaned
-    assert fs.exists(fs.join(first["labels"], "00000.tar"))           # the old label set stays readable
+    assert fs.exists(fs.join(first["labels"], "00000.tar.gz"))        # the old label set stays readable
     marker = read_marker(result["labels"], "00000")
     assert marker["phrase_cache_hits"] == marker["ok"] and marker["phrase_cache_misses"] == 0
 

@@ -127,7 +127,7 @@ def test_teacher_failure_costs_only_the_failing_sample(tmp_path, teacher, extrac
     with pytest.raises(TeacherFailure):
         label_shard(task, "00000", extractor, FailingClient(teacher, "", everything=True))
     assert read_marker(task.labelset_uri, "00000") is None
-    assert not fs.exists(fs.join(task.labelset_uri, "00000.tar"))
+    assert not fs.exists(fs.join(task.labelset_uri, "00000.tar.gz"))
 
 
 def test_labels_are_deterministic_and_phrases_are_cached_across_teachers(tmp_path, teacher, extractor):
@@ -138,7 +138,7 @@ def test_labels_are_deterministic_and_phrases_are_cached_across_teachers(tmp_pat
     task = make_task(world / "images", world / "regions", out, teacher, extractor, gt=world / "gt",
                      batch_size=3, max_inflight=2)
     first = label_shard(task, "00000", extractor, LocalTeacherClient(teacher))
-    tar = fs.join(task.labelset_uri, "00000.tar")
+    tar = fs.join(task.labelset_uri, "00000.tar.gz")
     before = fs.read_bytes(tar)
     assert first["phrase_cache_misses"] == first["ok"] and first["phrase_cache_hits"] == 0
     assert first["scored"] and first["tp"] + first["fn"] > 0

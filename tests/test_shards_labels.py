@@ -20,7 +20,9 @@ from shards.labels import (
     encode_labels,
     info_from_pax,
     iter_label_shard,
+    label_shard_uri,
     labelset_uri,
+    list_label_shards,
     read_labelset_info,
     write_labelset_info,
 )
@@ -204,7 +206,8 @@ def test_label_shard_round_trip_with_provenance(tmp_path):
             w.write(rec)
     write_labelset_info(root, info)
     assert read_labelset_info(root) == info
-    headers = read_pax_headers(fs.join(root, "00000.tar"))
+    assert fs.list_dir(root) == ["00000.tar.gz", "labelset.json"]
+    headers = read_pax_headers(fs.join(root, "00000.tar.gz"))
     assert headers["sga.labelset_id"] == info.labelset_id
     assert info_from_pax(headers, "x") == info
     got = list(iter_label_shard(root, "00000"))
@@ -256,3 +259,41 @@ def test_file_uri(tmp_path):
     (back,) = iter_label_shard(root, "00000")
     assert back.key == rec.key and read_labelset_info(root).labelset_id == info.labelset_id
 
+
+def test_label_tars_are_gzipped_deterministic_and_smaller_than_a_tar_block_per_sample(tmp_path):
+    """A label (3 phrases x 5 boxes, 36 regions) is ~0.6 KB of JSON, but an uncompressed tar spends a 512-byte
+    header plus padding to 512 on each; the gzipped shard must cost well under 1 KB per sample."""
+    info = _info()
+    recs = [_random_record(f"{i:09d}", seed=i)[0] for i in range(200)]
+    for name in ("a", "b"):
+        with LabelShardWriter(str(tmp_path / name), "00000", info) as w:
+            for rec in recs:
+                w.write(rec)
+    a, b = (fs.read_bytes(fs.join(str(tmp_path / n), "00000.tar.gz")) for n in ("a", "b"))
+    assert a == b and a[:2] == b"\x1f\x8b"
+    payload = sum(len(encode_labels(r)["labels.json"]) for r in recs)
+    plain = str(tmp_path / "plain.tar")
+    with TarShardWriter(plain) as tw:
+        for rec in recs:
+            tw.write(rec.key, encode_labels(rec))
+    assert len(fs.read_bytes(plain)) >= len(recs) * 1024            # what compression saves
+    assert len(a) / len(recs) < 0.6 * payload / len(recs) < 600, (len(a), payload)
+    assert [r.key for r in iter_label_shard(str(tmp_path / "a"), "00000")] == [r.key for r in recs]
+
+
+def test_legacy_uncompressed_label_tars_are_found_and_read(tmp_path):
+    info = _info()
+    root = str(tmp_path)
+    rec, _ = _random_record()
+    with LabelShardWriter(root, "00001", info) as w:
+        w.write(rec)
+    with TarShardWriter(fs.join(root, "00000.tar"), pax_headers={
+            "sga.labelset_id": info.labelset_id, "sga.labelset": json.dumps(info.to_dict())}) as tw:
+        tw.write(rec.key, encode_labels(rec))
+    assert list_label_shards(root) == ["00000", "00001"]
+    assert label_shard_uri(root, "00000").endswith("00000.tar")
+    assert label_shard_uri(root, "00001").endswith("00001.tar.gz")
+    assert label_shard_uri(root, "00002").endswith("00002.tar.gz")   # a new shard is written compressed
+    for shard in ("00000", "00001"):
+        (back,) = iter_label_shard(root, shard)
+        np.testing.assert_array_equal(back.align, rec.align)
