@@ -248,8 +248,12 @@ def label_shard_uri(labelset_uri: str, shard: str) -> str:
 
 def list_label_shards(labelset_uri: str) -> list[str]:
     """Sorted names (``NNNNN``) of the label tars in a label set folder."""
-    names = {n[: -len(SHARD_SUFFIX)] for n in fs.list_dir(labelset_uri, SHARD_SUFFIX)}
-    names |= {n[: -len(LEGACY_SUFFIX)] for n in fs.list_dir(labelset_uri, LEGACY_SUFFIX)}
+    names = set()
+    for name in fs.list_dir(labelset_uri):   # one listing (a request per call on object stores)
+        for suffix in (SHARD_SUFFIX, LEGACY_SUFFIX):
+            if name.endswith(suffix):
+                names.add(name[: -len(suffix)])
+                break
     return sorted(names)
 
 

@@ -200,8 +200,6 @@ def train(config: TrainConfig, show_progress: bool = True) -> dict:
 
     torch.manual_seed(config.seed)
     model = build_mdetr(model_config(config, len(tokenizer), aux_loss=True))
-    if config.init:
-        _init_weights(model, config.init)
     max_text_len = min(model.config.num_classes, model.config.text_encoder["max_position_embeddings"] - 2)
     examples, val_samples = [], []
     for i, sample in enumerate(progress(iter_world(config.world), total=len(captions), desc="prepare",
@@ -216,6 +214,8 @@ def train(config: TrainConfig, show_progress: bool = True) -> dict:
                                                                  contrastive_align=config.contrastive_align),
                              num_aux=config.dec_layers - 1)
     step = _load_checkpoint(out, config, model, optimizer)
+    if config.init and step == 0:   # a resumed run's checkpoint already holds the weights
+        _init_weights(model, config.init)
     model.train()
     num_positions = model.config.num_classes + 1
     bar = progress(total=config.steps, initial=step, desc="train", unit="step",
