@@ -2,11 +2,13 @@
 
 Stages: split the world (the last ``val_samples`` images are held out) -> train a byte-level BPE tokenizer on
 the training captions -> prepare examples (:mod:`teacher.traindata`) -> build the model (the ``tiny`` MDETR
-entry with this config's sizes) -> AdamW with warm-up, a long constant phase and a cosine decay, MDETR's
-losses on every decoder layer -> periodic held-out recall -> the teacher directory.
+entry with this config's sizes) -> pretrain its CNN on rendered scenes (:mod:`teacher.backbone_pretrain`,
+what ImageNet pretraining is to MDETR's ResNet) -> AdamW with warm-up, a long constant phase and a cosine
+decay, MDETR's losses on every decoder layer -> periodic held-out recall -> the teacher directory.
 
 Output directory: the teacher (``model.safetensors``, ``config.json``, ``tokenizer/``, ``teacher.json``, the
-last written) plus ``train_log.jsonl`` and ``train_state/checkpoint.pt`` (model, optimizer, step, RNG).
+last written) plus ``train_log.jsonl``, ``train_state/backbone.safetensors`` (the pretrained CNN) and
+``train_state/checkpoint.pt`` (model, optimizer, step, RNG).
 Rerunning the same command resumes from the checkpoint; the run is deterministic given the seed and the
 thread count (the batch order depends only on the seed and the step).
 """
@@ -22,10 +24,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from shards.errors import SgaError
 from shards.progress import progress
 
+from .backbone_pretrain import BackbonePretrainConfig, pretrain_backbone
 from .criterion import CriterionConfig, SetCriterion
 from .evaluate import evaluate_teacher
 from .grounding import TOKENIZER_DIR, InferenceConfig, MDETRTeacher, write_teacher_json
@@ -41,6 +45,9 @@ CHECKPOINT = "train_state/checkpoint.pt"
 LOG_FILE = "train_log.jsonl"
 # Fields that only say how a run is executed; everything else must match to resume a checkpoint.
 _RUNTIME_FIELDS = ("world", "out", "threads", "eval_every", "checkpoint_every", "log_every")
+# Settings added after checkpoints were written, with the value those runs had (else: the default).
+_LEGACY_VALUES = {"backbone_pretrain_steps": 0}
+BACKBONE_STATE = "train_state/backbone.safetensors"
 
 
 @dataclass
@@ -70,6 +77,8 @@ class TrainConfig:
     dropout: float = 0.1              # transformer, resizer and text-encoder dropout
     eos_coef: float = 0.1             # weight of the no-object target of unmatched queries
     contrastive_align: bool = True
+    backbone_pretrain_steps: int = 600    # 0: the CNN starts from random weights (see backbone_pretrain)
+    backbone_lr_ratio: float = 1.0    # the CNN's learning rate relative to ``lr``
     init: str | None = None           # a teacher directory whose weights (and tokenizer) the run starts from
     threads: int = 1
     eval_every: int = 500
@@ -146,7 +155,7 @@ def _load_checkpoint(out: Path, config: TrainConfig, model, optimizer) -> int:
     saved_steps = saved.pop("steps")
     ours = {k: v for k, v in config.identity().items() if k != "steps"}
     # Settings added after a checkpoint was written were then at their defaults.
-    defaults = TrainConfig(world="", out="").identity()
+    defaults = {**TrainConfig(world="", out="").identity(), **_LEGACY_VALUES}
     saved = {**{k: defaults[k] for k in ours if k not in saved}, **saved}
     if saved != ours:
         raise SgaError(f"{path} was written by a run with other settings; rerun with the same options, or "
@@ -169,6 +178,45 @@ def _init_weights(model, teacher_dir: str) -> None:
     except RuntimeError as exc:
         raise SgaError(f"--init {teacher_dir}: its weights do not fit this run's model; pass the sizes of "
                        f"the run that trained it ({str(exc).splitlines()[0]})") from exc
+
+
+def _pretrained_backbone(model, config: TrainConfig, out: Path, preprocess: PreprocessConfig,
+                         show_progress: bool) -> None:
+    """Run the backbone pretraining stage (:mod:`teacher.backbone_pretrain`) into ``model``'s CNN, or reuse
+    its result from an earlier, interrupted attempt of this run."""
+    body = model.backbone[0].body
+    path = out / BACKBONE_STATE
+    if path.is_file():
+        body.load_state_dict(load_file(str(path)))
+        return
+    bar = progress(total=config.backbone_pretrain_steps, desc="pretrain backbone", unit="step",
+                   **({} if show_progress else {"disable": True}))
+
+    def on_step(step: int, losses: dict[str, float]) -> None:
+        bar.update(1)
+        if step % config.log_every == 0:
+            _log(out, {"backbone_step": step, **{k: round(v, 4) for k, v in losses.items()}})
+
+    accuracy = pretrain_backbone(body, BackbonePretrainConfig(steps=config.backbone_pretrain_steps,
+                                                              batch_size=config.batch_size, seed=config.seed),
+                                 preprocess, preprocess.size_multiple, on_step)
+    bar.close()
+    _log(out, {"backbone_step": config.backbone_pretrain_steps, "object_accuracy": accuracy})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file({k: v.contiguous() for k, v in body.state_dict().items()}, str(tmp))
+    tmp.replace(path)
+
+
+def _optimizer(model, config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW; with ``backbone_lr_ratio != 1`` the CNN is its own group (``lr_scale`` = the ratio)."""
+    if config.backbone_lr_ratio == 1.0:
+        groups = [{"params": list(model.parameters()), "lr_scale": 1.0}]
+    else:
+        cnn = {id(p) for p in model.backbone.parameters()}
+        groups = [{"params": [p for p in model.parameters() if id(p) not in cnn], "lr_scale": 1.0},
+                  {"params": list(model.backbone.parameters()), "lr_scale": config.backbone_lr_ratio}]
+    return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
 
 
 def _held_out_eval(model, tokenizer, preprocess, val_samples) -> dict:
@@ -209,13 +257,15 @@ def train(config: TrainConfig, show_progress: bool = True) -> dict:
         else:
             val_samples.append(sample)
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = _optimizer(model, config)
     criterion = SetCriterion(HungarianMatcher(), CriterionConfig(eos_coef=config.eos_coef,
                                                                  contrastive_align=config.contrastive_align),
                              num_aux=config.dec_layers - 1)
     step = _load_checkpoint(out, config, model, optimizer)
     if config.init and step == 0:   # a resumed run's checkpoint already holds the weights
         _init_weights(model, config.init)
+    elif config.backbone_pretrain_steps > 0 and step == 0:
+        _pretrained_backbone(model, config, out, preprocess, show_progress)
     model.train()
     num_positions = model.config.num_classes + 1
     bar = progress(total=config.steps, initial=step, desc="train", unit="step",
@@ -227,7 +277,7 @@ def train(config: TrainConfig, show_progress: bool = True) -> dict:
                         preprocess, tokenizer.pad_token_id, num_positions)
         lr = lr_at(config, step)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         outputs = model(batch["images"], batch["image_mask"], batch["input_ids"], batch["attention_mask"])
         losses = criterion(outputs, batch["targets"], batch["attention_mask"].bool())
         loss = criterion.weighted_total(losses)

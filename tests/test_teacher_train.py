@@ -29,7 +29,7 @@ def _config(world: str, out, **overrides) -> TrainConfig:
     small = dict(steps=4, batch_size=4, val_samples=8, short_side=32, max_size=64, vocab_size=300,
                  backbone_widths=(8, 16), d_model=32, nheads=2, enc_layers=1, dec_layers=2,
                  dim_feedforward=64, num_queries=4, warmup_steps=2, decay_start=1.0, eval_every=2,
-                 checkpoint_every=2, log_every=2)
+                 checkpoint_every=2, log_every=2, backbone_pretrain_steps=2)
     return TrainConfig(world=world, out=str(out), **{**small, **overrides})
 
 
@@ -52,12 +52,25 @@ def test_train_writes_a_teacher_and_resumes_exactly(world, tmp_path):
                                             [(p.start, p.end) for p in sample.phrases])])[0]
     assert len(answer) == len(sample.phrases)
 
+    assert [r["backbone_step"] for r in log if "backbone_step" in r] == [2, 2]   # a log line, then accuracy
+    assert (straight / "train_state" / "backbone.safetensors").is_file()
+
     resumed = tmp_path / "resumed"
     train(_config(world, resumed, steps=2), show_progress=False)
     train(_config(world, resumed, steps=4), show_progress=False)   # continues from step 2
     a, b = _weights(straight), _weights(resumed)
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+    # Killed after the backbone stage, before the first checkpoint: the rerun reuses the stage's result.
+    killed = tmp_path / "killed"
+    train(_config(world, killed, steps=4, checkpoint_every=100), show_progress=False)
+    (killed / "train_state" / "checkpoint.pt").unlink()
+    train(_config(world, killed, steps=4, backbone_pretrain_steps=2), show_progress=False)
+    c = _weights(killed)
+    assert all(torch.equal(a[k], c[k]) for k in a)
+    log = [json.loads(line) for line in (killed / "train_log.jsonl").read_text().splitlines()]
+    assert sum("object_accuracy" in r for r in log) == 1                 # pretrained once, not twice
 
 
 def test_resume_refuses_changed_settings(world, tmp_path):
@@ -83,6 +96,33 @@ def test_checkpoints_from_before_a_new_setting_resume_at_its_default(world, tmp_
     with pytest.raises(SgaError, match="other settings"):
         train(_config(world, out, steps=4, eos_coef=0.5), show_progress=False)
     assert train(_config(world, out, steps=4), show_progress=False)["steps"] == 4
+
+
+def test_checkpoints_from_before_backbone_pretraining_resume_as_runs_without_it(world, tmp_path):
+    out = tmp_path / "run"
+    train(_config(world, out, steps=2, backbone_pretrain_steps=0), show_progress=False)
+    path = out / "train_state" / "checkpoint.pt"
+    state = torch.load(path, weights_only=True)
+    identity = json.loads(state["identity"])
+    del identity["backbone_pretrain_steps"]        # as written before the stage existed (it then did not run)
+    state["identity"] = json.dumps(identity, sort_keys=True)
+    torch.save(state, path)
+    with pytest.raises(SgaError, match="other settings"):
+        train(_config(world, out, steps=4, backbone_pretrain_steps=2), show_progress=False)
+    assert train(_config(world, out, steps=4, backbone_pretrain_steps=0), show_progress=False)["steps"] == 4
+    assert not (out / "train_state" / "backbone.safetensors").exists()
+
+
+def test_backbone_lr_ratio_scales_the_cnn_group_only(world, tmp_path):
+    from teacher.train import _optimizer
+
+    model = torch.nn.Module()
+    model.backbone = torch.nn.Linear(2, 2)
+    model.head = torch.nn.Linear(2, 2)
+    optimizer = _optimizer(model, _config(world, tmp_path, backbone_lr_ratio=0.1))
+    scales = [(g["lr_scale"], len(g["params"])) for g in optimizer.param_groups]
+    assert scales == [(1.0, 2), (0.1, 2)]
+    assert len(_optimizer(model, _config(world, tmp_path)).param_groups) == 1
 
 
 def test_lr_schedule_warms_up_holds_and_decays():
