@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pipeline.matching import (
     GroundTruth,
@@ -12,6 +14,7 @@ from pipeline.matching import (
     score_alignment,
     span_overlap,
 )
+from shards.boxes import box_area, box_iou
 from shards.labels import alignment_matrix
 
 REGIONS = np.array([[0, 0, 10, 10], [20, 20, 40, 40], [0, 0, 40, 40]], np.float32)
@@ -66,3 +69,39 @@ def test_read_ground_truth_of_a_world(tmp_path):
     assert truth and all(len(g.spans) == len(g.boxes) == len(g.visible) for g in truth.values())
     assert all(b.shape[1] == 4 for g in truth.values() for b in g.boxes)
     assert any(v for g in truth.values() for v in g.visible)
+
+
+@st.composite
+def phrase_boxes(draw):
+    """Per phrase: K boxes (some degenerate, some out of the 40 x 40 image, some NaN) and their scores."""
+    out = []
+    for _ in range(draw(st.integers(0, 4))):
+        k = draw(st.integers(0, 4))
+        coords = draw(st.lists(st.sampled_from([-5.0, 0.0, 3.0, 10.0, 20.0, 45.0, float("nan")]),
+                               min_size=4 * k, max_size=4 * k))
+        scores = draw(st.lists(st.sampled_from([0.0, 0.01, 0.3, 0.3, 0.9]), min_size=k, max_size=k))
+        out.append((np.array(coords, np.float32).reshape(k, 4), np.array(scores, np.float32)))
+    return out
+
+
+@settings(max_examples=60, deadline=None)
+@given(phrase_boxes(), st.booleans())
+def test_vectorised_matching_equals_the_per_phrase_rules(found, visible_first):
+    """The batched cleaning and truth matrix give what the rules say, phrase by phrase."""
+    caption = "x" * 40
+    spans = [(i, i + 1) for i in range(len(found))]
+    labels = phrase_labels(caption, spans, found, 40, 40, score_floor=0.05, top_k=2)
+    for (boxes, scores), label in zip(found, labels):
+        finite = np.isfinite(boxes).all(1) & np.isfinite(scores)
+        clipped = np.clip(np.where(finite[:, None], boxes, 0), 0, 40)
+        keep = np.flatnonzero(finite & (scores >= 0.05) & (box_area(clipped) > 0))
+        order = keep[np.argsort(-scores[keep], kind="stable")][:2]
+        np.testing.assert_array_equal(label.boxes, clipped[order])
+        np.testing.assert_array_equal(label.scores, scores[order])
+
+    visible = [visible_first or i > 0 for i in range(len(found))]
+    gt = GroundTruth(spans, [np.nan_to_num(b) for b, _ in found], visible)
+    truth = gt_alignment(gt, REGIONS, 0.5)
+    for g, (boxes, shown) in enumerate(zip(gt.boxes, visible)):
+        expected = (box_iou(boxes, REGIONS) >= 0.5).any(0) if shown and len(boxes) else np.zeros(3, bool)
+        np.testing.assert_array_equal(truth[g], expected)
