@@ -7,6 +7,8 @@ import subprocess
 import tarfile
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from shards import tarparse
 from shards.tario import TarShardReader, TarShardWriter, iter_tar
@@ -74,3 +76,10 @@ def test_parser_rejects_bad_checksum_and_missing_end():
     data[first_file.offset + 10] ^= 0x01  # a bit flip inside a header's name field
     with pytest.raises(tarparse.TarFormatError, match="checksum"):
         _members(bytes(data))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=1500))
+def test_byte_sum_is_the_exact_sum_of_the_bytes(data):
+    assert tarparse.byte_sum(data) == sum(data)
+    assert tarparse.byte_sum(b"\xff" * 512) == 255 * 512          # the largest header sum, no reduction
