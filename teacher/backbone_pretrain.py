@@ -2,9 +2,13 @@
 
 MDETR starts from an ImageNet-pretrained backbone and a pretrained RoBERTa. Trained from scratch, the tiny
 teacher's CNN learns where objects are (the box losses teach that) but not what they look like: a linear probe
-reads an object's colour from its feature cell at chance level, and the teacher then binds phrases to
-objects barely above chance, whatever the schedule (issue 3's notes). This stage gives the CNN what a
-pretrained backbone brings: features that say what is at each place.
+reads an object's colour from its feature cell at chance level (issue 3's notes). This stage gives the CNN
+what a pretrained backbone brings: features that say what is at each place (after 600 steps of 32
+scenes, the object-centre cells classify colour 99.7 %, texture 98 %, size 96 %, shape 93 %).
+
+Measured effect (issue 3): grounding training then erodes those features unless the CNN's learning rate is
+lowered (``--backbone-lr-ratio``), and even then held-out recall@1 follows the from-scratch run's curve
+over the first 2,250 steps; so the stage is off by default (``--backbone-pretrain-steps 0``).
 
 The task is dense attribute classification. Scenes are drawn and rendered by the synthetic world's own code
 (JPEG round trip included, so the pixels look like the world's), resized like the teacher's input; the
@@ -39,7 +43,7 @@ IGNORE = -100
 class BackbonePretrainConfig:
     """Steps and optimiser of the pretraining stage; scenes come from ``scene`` (the world's defaults)."""
 
-    steps: int = 1500
+    steps: int = 600
     batch_size: int = 32
     lr: float = 2e-3
     weight_decay: float = 1e-4

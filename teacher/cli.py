@@ -88,10 +88,12 @@ def register(subparsers) -> None:
     p.add_argument("--num-queries", type=int, help="object queries (default 12)")
     p.add_argument("--dropout", type=float, help="transformer and text-encoder dropout (default 0.1)")
     p.add_argument("--eos-coef", type=float, help="no-object weight of unmatched queries (default 0.1)")
+    p.add_argument("--contrastive-weight", type=float,
+                   help="weight of the contrastive alignment loss (default 1.0, MDETR's)")
     p.add_argument("--backbone-pretrain-steps", type=int,
                    help="steps of dense attribute pretraining of the CNN on rendered scenes before "
                         "grounding training, the tiny world's stand-in for ImageNet pretraining; 0 = none "
-                        "(default 600)")
+                        "(default 0: the bundled teacher was trained without it)")
     p.add_argument("--backbone-lr-ratio", type=float,
                    help="the CNN's learning rate relative to --lr (default 1.0)")
     p.add_argument("--init", help="start from this teacher directory's weights and tokenizer (a second "

@@ -2,9 +2,10 @@
 
 Stages: split the world (the last ``val_samples`` images are held out) -> train a byte-level BPE tokenizer on
 the training captions -> prepare examples (:mod:`teacher.traindata`) -> build the model (the ``tiny`` MDETR
-entry with this config's sizes) -> pretrain its CNN on rendered scenes (:mod:`teacher.backbone_pretrain`,
-what ImageNet pretraining is to MDETR's ResNet) -> AdamW with warm-up, a long constant phase and a cosine
-decay, MDETR's losses on every decoder layer -> periodic held-out recall -> the teacher directory.
+entry with this config's sizes) -> optionally pretrain its CNN on rendered scenes
+(:mod:`teacher.backbone_pretrain`, what ImageNet pretraining is to MDETR's ResNet) -> AdamW with warm-up, a
+long constant phase and a cosine decay, MDETR's losses on every decoder layer -> periodic held-out recall ->
+the teacher directory.
 
 Output directory: the teacher (``model.safetensors``, ``config.json``, ``tokenizer/``, ``teacher.json``, the
 last written) plus ``train_log.jsonl``, ``train_state/backbone.safetensors`` (the pretrained CNN) and
@@ -45,8 +46,6 @@ CHECKPOINT = "train_state/checkpoint.pt"
 LOG_FILE = "train_log.jsonl"
 # Fields that only say how a run is executed; everything else must match to resume a checkpoint.
 _RUNTIME_FIELDS = ("world", "out", "threads", "eval_every", "checkpoint_every", "log_every")
-# Settings added after checkpoints were written, with the value those runs had (else: the default).
-_LEGACY_VALUES = {"backbone_pretrain_steps": 0}
 BACKBONE_STATE = "train_state/backbone.safetensors"
 
 
@@ -77,7 +76,8 @@ class TrainConfig:
     dropout: float = 0.1              # transformer, resizer and text-encoder dropout
     eos_coef: float = 0.1             # weight of the no-object target of unmatched queries
     contrastive_align: bool = True
-    backbone_pretrain_steps: int = 600    # 0: the CNN starts from random weights (see backbone_pretrain)
+    contrastive_weight: float = 1.0   # weight of the contrastive alignment loss (MDETR: 1)
+    backbone_pretrain_steps: int = 0      # > 0: pretrain the CNN first (teacher.backbone_pretrain)
     backbone_lr_ratio: float = 1.0    # the CNN's learning rate relative to ``lr``
     init: str | None = None           # a teacher directory whose weights (and tokenizer) the run starts from
     threads: int = 1
@@ -155,7 +155,7 @@ def _load_checkpoint(out: Path, config: TrainConfig, model, optimizer) -> int:
     saved_steps = saved.pop("steps")
     ours = {k: v for k, v in config.identity().items() if k != "steps"}
     # Settings added after a checkpoint was written were then at their defaults.
-    defaults = {**TrainConfig(world="", out="").identity(), **_LEGACY_VALUES}
+    defaults = TrainConfig(world="", out="").identity()
     saved = {**{k: defaults[k] for k in ours if k not in saved}, **saved}
     if saved != ours:
         raise SgaError(f"{path} was written by a run with other settings; rerun with the same options, or "
@@ -259,7 +259,8 @@ def train(config: TrainConfig, show_progress: bool = True) -> dict:
 
     optimizer = _optimizer(model, config)
     criterion = SetCriterion(HungarianMatcher(), CriterionConfig(eos_coef=config.eos_coef,
-                                                                 contrastive_align=config.contrastive_align),
+                                                                 contrastive_align=config.contrastive_align,
+                                                                 contrastive_align_weight=config.contrastive_weight),
                              num_aux=config.dec_layers - 1)
     step = _load_checkpoint(out, config, model, optimizer)
     if config.init and step == 0:   # a resumed run's checkpoint already holds the weights
