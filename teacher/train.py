@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from shards.errors import SgaError
@@ -186,9 +187,16 @@ def _pretrained_backbone(model, config: TrainConfig, out: Path, preprocess: Prep
     its result from an earlier, interrupted attempt of this run."""
     body = model.backbone[0].body
     path = out / BACKBONE_STATE
+    # What the stage's result depends on; a cached result of other settings is recomputed, not reused.
+    identity = json.dumps({k: config.identity()[k] for k in ("backbone_pretrain_steps", "batch_size", "seed",
+                                                             "backbone_widths", "short_side", "max_size")},
+                          sort_keys=True)
     if path.is_file():
-        body.load_state_dict(load_file(str(path)))
-        return
+        with safe_open(str(path), "pt") as f:
+            cached = (f.metadata() or {}).get("identity")
+        if cached == identity:
+            body.load_state_dict(load_file(str(path)))
+            return
     bar = progress(total=config.backbone_pretrain_steps, desc="pretrain backbone", unit="step",
                    **({} if show_progress else {"disable": True}))
 
@@ -204,7 +212,7 @@ def _pretrained_backbone(model, config: TrainConfig, out: Path, preprocess: Prep
     _log(out, {"backbone_step": config.backbone_pretrain_steps, "object_accuracy": accuracy})
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    save_file({k: v.contiguous() for k, v in body.state_dict().items()}, str(tmp))
+    save_file({k: v.contiguous() for k, v in body.state_dict().items()}, str(tmp), {"identity": identity})
     tmp.replace(path)
 
 
@@ -238,6 +246,9 @@ def train(config: TrainConfig, show_progress: bool = True) -> dict:
     if num_train < config.batch_size or config.val_samples < 1:
         raise SgaError(f"{config.world} has {len(captions)} images: too few for --val-samples "
                        f"{config.val_samples} and --batch-size {config.batch_size}; generate a bigger world")
+    if config.init and config.backbone_pretrain_steps:
+        raise SgaError("--init starts from a trained teacher's weights, backbone included; drop "
+                       "--backbone-pretrain-steps (or --init)")
     if config.init and not (out / TOKENIZER_DIR).is_dir():
         shutil.copytree(Path(config.init) / TOKENIZER_DIR, out / TOKENIZER_DIR)
     if (out / TOKENIZER_DIR).is_dir():

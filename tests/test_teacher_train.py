@@ -71,6 +71,12 @@ def test_train_writes_a_teacher_and_resumes_exactly(world, tmp_path):
     assert all(torch.equal(a[k], c[k]) for k in a)
     log = [json.loads(line) for line in (killed / "train_log.jsonl").read_text().splitlines()]
     assert sum("object_accuracy" in r for r in log) == 1                 # pretrained once, not twice
+    # A cached stage of other settings is not reused: killed again, rerun with 3 pretraining steps.
+    (killed / "train_state" / "checkpoint.pt").unlink()
+    train(_config(world, killed, steps=4, backbone_pretrain_steps=3), show_progress=False)
+    log = [json.loads(line) for line in (killed / "train_log.jsonl").read_text().splitlines()]
+    assert sum("object_accuracy" in r for r in log) == 2
+    assert any(not torch.equal(a[k], _weights(killed)[k]) for k in a)
 
 
 def test_resume_refuses_changed_settings(world, tmp_path):
@@ -143,14 +149,17 @@ def test_a_second_stage_starts_from_the_first_stages_weights(world, tmp_path):
     train(_config(world, first), show_progress=False)
     # Zero steps of a second stage: its model is exactly the first stage's, with the first's tokenizer.
     second = tmp_path / "second"
-    train(_config(world, second, steps=0, init=str(first), eos_coef=0.5, dropout=0.0), show_progress=False)
+    second_stage = dict(init=str(first), backbone_pretrain_steps=0)
+    train(_config(world, second, steps=0, eos_coef=0.5, dropout=0.0, **second_stage), show_progress=False)
     a, b = _weights(first), _weights(second)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert (second / "tokenizer" / "tokenizer.json").read_bytes() == \
         (first / "tokenizer" / "tokenizer.json").read_bytes()
     # Training on from there changes the weights; other sizes are refused with the fix.
-    train(_config(world, tmp_path / "third", steps=2, init=str(first), eos_coef=0.5), show_progress=False)
+    train(_config(world, tmp_path / "third", steps=2, eos_coef=0.5, **second_stage), show_progress=False)
     c = _weights(tmp_path / "third")
     assert any(not torch.equal(a[k], c[k]) for k in a)
+    with pytest.raises(SgaError, match="drop --backbone-pretrain-steps"):
+        train(_config(world, tmp_path / "both", init=str(first)), show_progress=False)  # _config: 2 steps
     with pytest.raises(SgaError, match="do not fit"):
-        train(_config(world, tmp_path / "bad", d_model=16, nheads=2, init=str(first)), show_progress=False)
+        train(_config(world, tmp_path / "bad", d_model=16, nheads=2, **second_stage), show_progress=False)
