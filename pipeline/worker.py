@@ -16,6 +16,8 @@ error row instead of stalling the job.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import itertools
 import os
 import resource
@@ -31,6 +33,7 @@ from .labeler import ShardTask, ground_plain, label_shard
 from .phrases import PhraseConfig, PhraseExtractor
 
 MAX_TASK_RETRIES = 3
+TRIM_EVERY = 2   # teacher batches between malloc_trim calls (see _malloc_trim)
 
 
 def _threads(num_cpus: float) -> int:
@@ -40,6 +43,20 @@ def _threads(num_cpus: float) -> int:
 
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _malloc_trim():
+    """glibc's ``malloc_trim`` (None elsewhere): hands freed heap pages back to the OS.
+
+    Every teacher batch allocates tensors of a new padded size; glibc keeps the freed ones in its heap, where
+    they fragment, so a teacher's RSS grew with the number of batches (667 MB after 16 batches, 887 MB after
+    157). A trim costs 4–5 ms (~2.5 % of a tiny-teacher batch), so it runs every ``TRIM_EVERY`` batches.
+    """
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):
+        return None
 
 
 @dataclass
@@ -67,6 +84,7 @@ class TeacherActor:
         self.calls = 0
         self.samples = 0
         self.started = time.perf_counter()
+        self._trim = _malloc_trim()
 
     def ready(self) -> dict[str, str]:
         return {"name": self.teacher.name, "fingerprint": self.teacher.fingerprint}
@@ -77,8 +95,10 @@ class TeacherActor:
         try:
             return ground_plain(self.teacher, batch)
         finally:
-            self.busy_s += time.perf_counter() - start
             self.calls += 1
+            if self._trim is not None and self.calls % TRIM_EVERY == 0:
+                self._trim(0)
+            self.busy_s += time.perf_counter() - start
             self.samples += len(batch)
 
     def stats(self) -> dict[str, Any]:
