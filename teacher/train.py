@@ -236,6 +236,9 @@ def _held_out_eval(model, tokenizer, preprocess, val_samples) -> dict:
 
 def train(config: TrainConfig, show_progress: bool = True) -> dict:
     """Run (or resume) a training run; returns a summary with the final held-out evaluation."""
+    if config.init and config.backbone_pretrain_steps:
+        raise SgaError("--init starts from a trained teacher's weights, backbone included; drop "
+                       "--backbone-pretrain-steps (or --init)")
     torch.set_num_threads(config.threads)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -246,9 +249,6 @@ def train(config: TrainConfig, show_progress: bool = True) -> dict:
     if num_train < config.batch_size or config.val_samples < 1:
         raise SgaError(f"{config.world} has {len(captions)} images: too few for --val-samples "
                        f"{config.val_samples} and --batch-size {config.batch_size}; generate a bigger world")
-    if config.init and config.backbone_pretrain_steps:
-        raise SgaError("--init starts from a trained teacher's weights, backbone included; drop "
-                       "--backbone-pretrain-steps (or --init)")
     if config.init and not (out / TOKENIZER_DIR).is_dir():
         shutil.copytree(Path(config.init) / TOKENIZER_DIR, out / TOKENIZER_DIR)
     if (out / TOKENIZER_DIR).is_dir():
