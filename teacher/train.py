@@ -188,8 +188,9 @@ def _pretrained_backbone(model, config: TrainConfig, out: Path, preprocess: Prep
     body = model.backbone[0].body
     path = out / BACKBONE_STATE
     # What the stage's result depends on; a cached result of other settings is recomputed, not reused.
-    identity = json.dumps({k: config.identity()[k] for k in ("backbone_pretrain_steps", "batch_size", "seed",
-                                                             "backbone_widths", "short_side", "max_size")},
+    settings = config.identity()
+    identity = json.dumps({k: settings[k] for k in ("backbone_pretrain_steps", "batch_size", "seed",
+                                                    "backbone_widths", "short_side", "max_size")},
                           sort_keys=True)
     if path.is_file():
         with safe_open(str(path), "pt") as f:
