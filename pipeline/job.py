@@ -146,6 +146,7 @@ def run_shards(plan: JobPlan, config: LabelJobConfig, actors: LabelActors) -> di
         "prep_ms_per_sample": 1000 * sum(s["prep_cpu_s"] for s in done_stats) / max(samples, 1),
         "peak_rss_mb": {"teacher": max(t["peak_rss_mb"] for t in after),
                         "shard_worker": max(w["peak_rss_mb"] for w in worker_stats)},
+        "teacher_heap_trims": sum(t["heap_trims"] for t in after),
     }
 
 

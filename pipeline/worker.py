@@ -33,7 +33,7 @@ from .labeler import ShardTask, ground_plain, label_shard
 from .phrases import PhraseConfig, PhraseExtractor
 
 MAX_TASK_RETRIES = 3
-TRIM_EVERY = 2   # teacher batches between malloc_trim calls (see _malloc_trim)
+TRIM_SLACK = 0.1   # trim once the resident set exceeds its first batches' by this much (HeapTrimmer)
 
 
 def _threads(num_cpus: float) -> int:
@@ -46,17 +46,57 @@ def _peak_rss_mb() -> float:
 
 
 def _malloc_trim():
-    """glibc's ``malloc_trim`` (None elsewhere): hands freed heap pages back to the OS.
-
-    Every teacher batch allocates tensors of a new padded size; glibc keeps the freed ones in its heap, where
-    they fragment, so a teacher's RSS grew with the number of batches (667 MB after 16 batches, 887 MB after
-    157). A trim costs 4–5 ms (~2.5 % of a tiny-teacher batch), so it runs every ``TRIM_EVERY`` batches.
-    """
+    """glibc's ``malloc_trim`` (None elsewhere): hands freed heap pages back to the OS."""
     name = ctypes.util.find_library("c")
     try:
         return ctypes.CDLL(name).malloc_trim if name else None
     except (OSError, AttributeError):
         return None
+
+
+def _resident_mb() -> float | None:
+    """This process's current resident set in MB (Linux ``/proc``; None elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            pages = int(f.read().split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+class HeapTrimmer:
+    """Trims the heap when the resident set outgrows its first batches' by ``slack``, at most once per
+    ``cooldown`` batches.
+
+    Every teacher batch allocates tensors of a new padded size; glibc keeps the freed ones in its heap, where
+    they fragment, so a teacher's RSS grew with the number of batches (667 MB after 16 batches, 887 MB after
+    157). ``malloc_trim`` hands them back, but the next batches fault the pages in again: trimming after
+    every second batch cost the tiny teacher 10–15 % of its throughput, and a bound alone can oscillate
+    (trim, re-fault past the bound, trim). The bound starts at the largest resident set of the first
+    ``warmup`` batches, which holds one batch's working set; memory still resident after a trim is live, so
+    the bound follows it.
+    """
+
+    def __init__(self, slack: float = TRIM_SLACK, warmup: int = 4, cooldown: int = 16):
+        self.slack, self.warmup, self.cooldown = slack, warmup, cooldown
+        self.trims = 0
+        self._trim = _malloc_trim()
+        self._bound = 0.0
+        self._batches = 0
+        self._next_trim = 0
+
+    def after_batch(self) -> None:
+        rss = _resident_mb() if self._trim is not None else None
+        if rss is None:
+            return
+        self._batches += 1
+        if self._batches <= self.warmup:
+            self._bound = max(self._bound, rss * (1 + self.slack))
+        elif rss > self._bound and self._batches >= self._next_trim:
+            self._trim(0)
+            self.trims += 1
+            self._next_trim = self._batches + self.cooldown
+            self._bound = max(self._bound, (_resident_mb() or rss) * (1 + self.slack))
 
 
 @dataclass
@@ -84,7 +124,7 @@ class TeacherActor:
         self.calls = 0
         self.samples = 0
         self.started = time.perf_counter()
-        self._trim = _malloc_trim()
+        self.heap = HeapTrimmer()
 
     def ready(self) -> dict[str, str]:
         return {"name": self.teacher.name, "fingerprint": self.teacher.fingerprint}
@@ -96,14 +136,14 @@ class TeacherActor:
             return ground_plain(self.teacher, batch)
         finally:
             self.calls += 1
-            if self._trim is not None and self.calls % TRIM_EVERY == 0:
-                self._trim(0)
+            self.heap.after_batch()
             self.busy_s += time.perf_counter() - start
             self.samples += len(batch)
 
     def stats(self) -> dict[str, Any]:
         return {"busy_s": self.busy_s, "alive_s": time.perf_counter() - self.started, "calls": self.calls,
-                "samples": self.samples, "peak_rss_mb": _peak_rss_mb(), "pid": os.getpid()}
+                "samples": self.samples, "peak_rss_mb": _peak_rss_mb(), "heap_trims": self.heap.trims,
+                "pid": os.getpid()}
 
 
 class RayTeacherClient:

@@ -183,14 +183,35 @@ def test_refused_up_front_with_the_file_and_the_fix(tmp_path, teachers):
     assert sga(["label", "--images", str(world / "images"), "--cache", str(tmp_path)]) == 2
 
 
-def test_teacher_actors_can_hand_freed_memory_back():
-    """On glibc (Linux) the teacher actor's trim hook exists and runs; elsewhere it is None and skipped."""
+def fragment_heap(megabytes: int) -> list:
+    """Allocate ``megabytes`` of 2 KB malloc blocks and free all but every 64th: the freed blocks sit
+    between live ones, where glibc cannot shrink the heap by itself. Returns the kept blocks."""
+    blocks = [bytearray(2048) for _ in range(megabytes * 512)]
+    return blocks[::64]
+
+
+def test_heap_trimmer_trims_past_its_bound_and_not_again_within_its_cooldown():
+    """The teacher actors' trimmer leaves a steady heap alone and hands back a fragmented one (glibc)."""
     import platform
 
-    from pipeline.worker import _malloc_trim
+    from pipeline.worker import HeapTrimmer, _resident_mb
 
-    trim = _malloc_trim()
-    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
-        assert trim is not None and trim(0) in (0, 1)
-    else:
-        assert trim is None or trim(0) in (0, 1)
+    trimmer = HeapTrimmer(slack=0.1, warmup=1, cooldown=3)
+    if not (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"):
+        trimmer.after_batch()
+        assert trimmer.trims == 0
+        return
+    trimmer.after_batch()                      # warm-up: sets the bound
+    trimmer.after_batch()
+    assert trimmer.trims == 0
+    kept = fragment_heap(400)
+    before = _resident_mb()
+    trimmer.after_batch()
+    assert trimmer.trims == 1
+    assert _resident_mb() < before - 200, (before, _resident_mb())
+    kept += fragment_heap(400)
+    trimmer.after_batch()                      # past the bound again, but within the cooldown
+    trimmer.after_batch()
+    assert trimmer.trims == 1
+    trimmer.after_batch()                      # the cooldown is over
+    assert trimmer.trims == 2 and len(kept) == 2 * 3200
