@@ -32,14 +32,23 @@ roberta-base's tokenizer.json or vocab.json + merges.txt; nothing is downloaded)
 """
 
 
-def _run_train(args: argparse.Namespace) -> dict:
-    from .train import TrainConfig, train
+def train_config(args: argparse.Namespace):
+    """The ``TrainConfig`` of ``sga teacher train`` arguments: given flags over the dataclass defaults."""
+    from .train import TrainConfig
 
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     values = {k: v for k, v in vars(args).items() if k in names and v is not None}
     if "backbone_widths" in values:
         values["backbone_widths"] = tuple(int(w) for w in values["backbone_widths"].split(","))
-    return train(TrainConfig(**values), show_progress=not args.json)
+    if values.get("init"):   # a second stage starts from a trained CNN: no pretraining unless asked for
+        values.setdefault("backbone_pretrain_steps", 0)
+    return TrainConfig(**values)
+
+
+def _run_train(args: argparse.Namespace) -> dict:
+    from .train import train
+
+    return train(train_config(args), show_progress=not args.json)
 
 
 def _run_eval(args: argparse.Namespace) -> dict:
@@ -73,7 +82,7 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, help="output teacher directory (resumed if it has a checkpoint)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     p.add_argument("--seed", type=int, help="random seed (default 0)")
-    p.add_argument("--steps", type=int, help="optimizer steps (default 7000)")
+    p.add_argument("--steps", type=int, help="optimizer steps (default 6000)")
     p.add_argument("--batch-size", type=int, help="images per step (default 32)")
     p.add_argument("--lr", type=float, help="peak AdamW learning rate (default 5e-4)")
     p.add_argument("--val-samples", type=int, help="images held out at the end of the world (default 500)")
@@ -93,9 +102,9 @@ def register(subparsers) -> None:
     p.add_argument("--backbone-pretrain-steps", type=int,
                    help="steps of dense attribute pretraining of the CNN on rendered scenes before "
                         "grounding training, the tiny world's stand-in for ImageNet pretraining; 0 = none "
-                        "(default 0: the bundled teacher was trained without it)")
+                        "(default 600; 0 with --init)")
     p.add_argument("--backbone-lr-ratio", type=float,
-                   help="the CNN's learning rate relative to --lr (default 1.0)")
+                   help="the CNN's learning rate relative to --lr (default 0.1)")
     p.add_argument("--init", help="start from this teacher directory's weights and tokenizer (a second "
                                   "training stage; same sizes required)")
     p.add_argument("--eval-every", type=int, help="steps between held-out evaluations (default 500)")

@@ -3,11 +3,13 @@ and the guards on changed settings."""
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import safetensors.torch
 import torch
 
+import teacher
 from shards.errors import SgaError
 from shards.synthetic.world import WorldConfig, build_world
 from teacher import GroundingInput, load_teacher
@@ -29,7 +31,7 @@ def _config(world: str, out, **overrides) -> TrainConfig:
     small = dict(steps=4, batch_size=4, val_samples=8, short_side=32, max_size=64, vocab_size=300,
                  backbone_widths=(8, 16), d_model=32, nheads=2, enc_layers=1, dec_layers=2,
                  dim_feedforward=64, num_queries=4, warmup_steps=2, decay_start=1.0, eval_every=2,
-                 checkpoint_every=2, log_every=2, backbone_pretrain_steps=2)
+                 checkpoint_every=2, log_every=2, backbone_pretrain_steps=2, backbone_lr_ratio=1.0)
     return TrainConfig(world=world, out=str(out), **{**small, **overrides})
 
 
@@ -110,11 +112,16 @@ def test_checkpoints_from_before_backbone_pretraining_resume_as_runs_without_it(
     path = out / "train_state" / "checkpoint.pt"
     state = torch.load(path, weights_only=True)
     identity = json.loads(state["identity"])
+    assert identity["backbone_lr_ratio"] == 1.0
     del identity["backbone_pretrain_steps"]        # as written before the stage existed (it then did not run)
+    del identity["backbone_lr_ratio"]
     state["identity"] = json.dumps(identity, sort_keys=True)
     torch.save(state, path)
     with pytest.raises(SgaError, match="other settings"):
         train(_config(world, out, steps=4, backbone_pretrain_steps=2), show_progress=False)
+    with pytest.raises(SgaError, match="other settings"):
+        train(_config(world, out, steps=4, backbone_pretrain_steps=0, backbone_lr_ratio=0.1),
+              show_progress=False)
     assert train(_config(world, out, steps=4, backbone_pretrain_steps=0), show_progress=False)["steps"] == 4
     assert not (out / "train_state" / "backbone.safetensors").exists()
 
@@ -163,3 +170,19 @@ def test_a_second_stage_starts_from_the_first_stages_weights(world, tmp_path):
         train(_config(world, tmp_path / "both", init=str(first)), show_progress=False)  # _config: 2 steps
     with pytest.raises(SgaError, match="do not fit"):
         train(_config(world, tmp_path / "bad", d_model=16, nheads=2, **second_stage), show_progress=False)
+
+
+def test_cli_defaults_are_the_bundled_teachers_recipe_and_init_skips_cnn_pretraining():
+    from pipeline.cli import build_parser
+    from teacher.cli import train_config
+
+    parse = build_parser().parse_args
+    config = train_config(parse(["teacher", "train", "--world", "W", "--out", "T"]))
+    assert (config.steps, config.backbone_pretrain_steps, config.backbone_lr_ratio) == (6000, 600, 0.1)
+    shipped = json.loads((Path(teacher.__file__).parent / "assets/tiny/teacher.json").read_text())
+    assert shipped["info"]["train_config"] == config.identity()
+    second = train_config(parse(["teacher", "train", "--world", "W", "--out", "T", "--init", "tiny"]))
+    assert second.backbone_pretrain_steps == 0 and second.init == "tiny"
+    asked = parse(["teacher", "train", "--world", "W", "--out", "T", "--init", "tiny",
+                   "--backbone-pretrain-steps", "5"])
+    assert train_config(asked).backbone_pretrain_steps == 5      # refused by train() with the fix
