@@ -113,6 +113,16 @@ def test_findings_say_when_the_claim_fails():
     assert "with 1/8: -2.00" in text and "scarce' does not hold" in text
 
 
+
+def test_findings_name_the_largest_efficiency_gain_when_gains_tie():
+    cfg = small_config(tasks=("refexp", "vqa"))
+    # Two cells whose refexp gains tie: the one named must come from the gain, not from comparing cells.
+    efficiency = [{"data": data, "fraction": fraction, "refexp": 3.0, "vqa": vqa, "average": (3.0 + vqa) / 2}
+                  for data, fraction, vqa in ((FULL, 0.5, 1.0), (EIGHTH, 1.0, 2.0))]
+    text = " ".join(findings([], {}, efficiency, [], cfg))
+    assert "largest average gain is +2.50 points (pretraining 1/8, fine-tuning share 1)" in text
+    assert "largest single gain is +3.00 on" in text
+
 # ------------------------------------------------------------------------------------------ end to end
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):

@@ -237,7 +237,9 @@ def findings(gains: list[dict], averages: dict[str, float], efficiency: list[dic
     valid = [c for c in efficiency if not math.isnan(c["average"])]
     if valid:
         best = max(valid, key=lambda c: c["average"])
-        top = max(((c[t], t, c) for c in valid for t in cfg.tasks if not math.isnan(c[t])), default=None)
+        # By the gain alone: equal gains would otherwise go on to compare the cells' dicts.
+        top = max(((c[t], t, c) for c in valid for t in cfg.tasks if not math.isnan(c[t])),
+                  key=lambda x: x[0], default=None)
         out.append(f"Data efficiency: the largest average gain is {best['average']:+.2f} points (pretraining "
                    f"{DATA_NAMES[best['data']]}, fine-tuning share {best['fraction']:g}); the largest single "
                    f"gain is {top[0]:+.2f} on {TASK_NAMES[top[1]]} (pretraining "
