@@ -8,6 +8,9 @@ summary dict, which the root prints (one JSON object on stdout with ``--json``).
 from __future__ import annotations
 
 import argparse
+import os
+import signal
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -33,3 +36,21 @@ def add_group(subparsers, name: str, help: str, description: str):
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.set_defaults(handler=None, group_parser=parser)
     return parser.add_subparsers(dest=f"{name}_command", metavar="COMMAND")
+
+
+def exit_with_launcher() -> None:
+    """Have the kernel kill this process when its parent (the torchrun agent that started this rank) dies.
+
+    torchrun starts ranks in sessions of their own, so killing the launcher would leave them running;
+    orphaned ranks would keep writing checkpoints into a run directory that may be resumed meanwhile.
+    Linux only (``prctl(PR_SET_PDEATHSIG)``); elsewhere a no-op.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    parent = os.getppid()
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() != parent:  # the launcher died before the request took effect
+        os.kill(os.getpid(), signal.SIGKILL)

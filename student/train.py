@@ -18,7 +18,6 @@ import contextlib
 import logging
 import math
 import os
-import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from shards import fs
+from shards.cliutil import exit_with_launcher
 from shards.errors import SgaError
 from shards.regions import read_regions_info
 
@@ -312,28 +312,11 @@ def _default_log_dir(out: str) -> str:
     return os.path.join(out, "logs")
 
 
-def _exit_with_launcher() -> None:
-    """Have the kernel kill this rank when its launcher (the torchrun agent) dies.
-
-    torchrun starts ranks in sessions of their own, so killing the launcher would leave them running;
-    orphaned ranks would keep writing checkpoints into a run directory that may be resumed meanwhile.
-    """
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
-
-    parent = os.getppid()
-    pr_set_pdeathsig = 1
-    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
-    if os.getppid() != parent:  # the launcher died before the request took effect
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="One rank of `sga pretrain` (normally started by it).")
     parser.add_argument("--config", required=True, help=f"a {CONFIG_FILE} written by `sga pretrain`")
     args = parser.parse_args(argv)
-    _exit_with_launcher()
+    exit_with_launcher()
     try:
         train(TrainConfig.from_dict(fs.read_json(args.config)))
     except SgaError as exc:

@@ -47,9 +47,14 @@ def train_config(args: argparse.Namespace):
 
 
 def _run_train(args: argparse.Namespace) -> dict:
+    config = train_config(args)
+    if config.nproc > 1:
+        from .parallel import launch
+
+        return launch(config, show_progress=not args.json)
     from .train import train
 
-    return train(train_config(args), show_progress=not args.json)
+    return train(config, show_progress=not args.json)
 
 
 def _run_eval(args: argparse.Namespace) -> dict:
@@ -60,7 +65,8 @@ def _run_eval(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     return eval_world(args.world, args.teacher, device=args.device, limit=args.limit,
                       score_threshold=args.score_threshold, iou_threshold=args.iou_threshold,
-                      batch_size=args.batch_size, show_progress=not args.json)
+                      batch_size=args.batch_size, show_progress=not args.json,
+                      long_captions=args.long_captions)
 
 
 def _run_convert(args: argparse.Namespace) -> dict:
@@ -81,7 +87,10 @@ def register(subparsers) -> None:
                     description=TRAIN_DESCRIPTION)
     p.add_argument("--world", required=True, help="world directory written by `sga world`")
     p.add_argument("--out", required=True, help="output teacher directory (resumed if it has a checkpoint)")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads per process (default 1)")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="data-parallel processes started with torchrun, each computing 1/N of every batch "
+                        "with --threads threads (default 1: train in this process)")
     p.add_argument("--seed", type=int, help="random seed (default 0)")
     p.add_argument("--steps", type=int, help="optimizer steps (default 6000)")
     p.add_argument("--batch-size", type=int, help="images per step (default 32)")
@@ -106,6 +115,8 @@ def register(subparsers) -> None:
                         "(default 600; 0 with --init)")
     p.add_argument("--backbone-lr-ratio", type=float,
                    help="the CNN's learning rate relative to --lr (default 0.1)")
+    p.add_argument("--backbone-frozen-stages", type=int,
+                   help="CNN stages (from the input) left as pretrained, not trained (default 0)")
     p.add_argument("--init", help="start from this teacher directory's weights and tokenizer (a second "
                                   "training stage; same sizes required)")
     p.add_argument("--eval-every", type=int, help="steps between held-out evaluations (default 500)")
@@ -123,6 +134,9 @@ def register(subparsers) -> None:
     p.add_argument("--iou-threshold", type=float, default=0.5, help="IoU for a hit (default 0.5)")
     p.add_argument("--batch-size", type=int, default=16, help="images per teacher call (default 16)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    p.add_argument("--long-captions", choices=("windows", "truncate"),
+                   help="captions longer than the text encoder: grounded in windows of whole phrases "
+                        "(default) or truncated, phrases past the cut getting no box (MDETR's behaviour)")
 
     p = add_command(group, "convert", _run_convert, help="released MDETR .pth -> teacher directory",
                     description=CONVERT_DESCRIPTION)

@@ -1,6 +1,7 @@
 """MDETR's training losses as one set criterion: match, then one ``loss_<name>`` method per term.
 
-Terms (each normalised by the number of target boxes in the batch, clamped to >= 1):
+Terms (each normalised by the number of target boxes in the batch, clamped to >= 1; data-parallel training
+passes the count over all ranks' batches instead, so every box weighs the same whatever the split):
 - ``labels``: soft-token cross-entropy. A matched query's target distribution is its phrase's positive map
   (uniform over the phrase's tokens); an unmatched query's target is the no-object column, weighted by
   ``eos_coef``.
@@ -103,8 +104,11 @@ class SetCriterion(nn.Module):
     def get_loss(self, name, outputs, targets, indices, num_boxes, text_mask) -> dict[str, torch.Tensor]:
         return self._LOSS_METHODS[name](self, outputs, targets, indices, num_boxes, text_mask)
 
-    def forward(self, outputs: dict, targets: list[dict], text_mask: torch.Tensor | None = None):
-        num_boxes = max(sum(len(t["boxes"]) for t in targets), 1)
+    def forward(self, outputs: dict, targets: list[dict], text_mask: torch.Tensor | None = None,
+                num_boxes: float | None = None):
+        """``{loss name: scalar}``; ``num_boxes`` defaults to this batch's target boxes (clamped to >= 1)."""
+        if num_boxes is None:
+            num_boxes = max(sum(len(t["boxes"]) for t in targets), 1)
         losses: dict[str, torch.Tensor] = {}
         for suffix, layer_outputs in [("", outputs)] + [
                 (f"_{i}", aux) for i, aux in enumerate(outputs.get("aux_outputs", []))]:

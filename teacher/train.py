@@ -10,16 +10,20 @@ the teacher directory.
 Output directory: the teacher (``model.safetensors``, ``config.json``, ``tokenizer/``, ``teacher.json``, the
 last written) plus ``train_log.jsonl``, ``train_state/backbone.safetensors`` (the pretrained CNN) and
 ``train_state/checkpoint.pt`` (model, optimizer, step, RNG).
-Rerunning the same command resumes from the checkpoint; the run is deterministic given the seed and the
-thread count (the batch order depends only on the seed and the step).
+Rerunning the same command resumes from the checkpoint; the run is deterministic given the seed, the process
+count and the thread count (batches depend only on the seed and the step, dropout on the seed, the step and
+the rank). ``nproc > 1`` trains data-parallel on that many ranks under torchrun (:mod:`teacher.parallel`).
+Entry point of a rank: ``python -m teacher.train --config OUT/train_config.json``.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import math
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +32,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from shards.cliutil import exit_with_launcher
 from shards.errors import SgaError
 from shards.progress import progress
 
@@ -38,6 +43,18 @@ from .grounding import TOKENIZER_DIR, InferenceConfig, MDETRTeacher, write_teach
 from .matcher import HungarianMatcher
 from .mdetr import build_mdetr, get_config
 from .mdetr.checkpoint import load_mdetr, save_mdetr
+from .parallel import (
+    SUMMARY_FILE,
+    Ranks,
+    average_gradients,
+    barrier,
+    check_in_step,
+    check_split,
+    global_mean,
+    init_ranks,
+    share,
+    shutdown,
+)
 from .preprocess import PreprocessConfig
 from .tokenizer import load_tokenizer, train_tokenizer
 from .traindata import collate, make_example
@@ -46,7 +63,7 @@ from .worlddata import iter_world, world_captions
 CHECKPOINT = "train_state/checkpoint.pt"
 LOG_FILE = "train_log.jsonl"
 # Fields that only say how a run is executed; everything else must match to resume a checkpoint.
-_RUNTIME_FIELDS = ("world", "out", "threads", "eval_every", "checkpoint_every", "log_every")
+_RUNTIME_FIELDS = ("world", "out", "threads", "nproc", "eval_every", "checkpoint_every", "log_every")
 BACKBONE_STATE = "train_state/backbone.safetensors"
 # What a checkpoint written before a setting existed ran with, where today's default differs.
 _LEGACY_DEFAULTS = {"backbone_pretrain_steps": 0, "backbone_lr_ratio": 1.0}
@@ -84,8 +101,12 @@ class TrainConfig:
     # scratch the CNN carried no colour at object cells and recall@1 plateaued at 0.57 (issue 3).
     backbone_pretrain_steps: int = 600    # 0: no pretraining
     backbone_lr_ratio: float = 0.1    # the CNN's learning rate relative to ``lr``
+    # CNN stages kept as pretrained, as DETR freezes ResNet's stem and first stage: their backward, at the
+    # highest resolutions, is skipped.
+    backbone_frozen_stages: int = 0
     init: str | None = None           # a teacher directory whose weights (and tokenizer) the run starts from
-    threads: int = 1
+    threads: int = 1                  # torch threads per process
+    nproc: int = 1                    # data-parallel processes (ranks); the batch is split between them
     eval_every: int = 500
     checkpoint_every: int = 500
     log_every: int = 50
@@ -118,6 +139,12 @@ def batch_indices(config: TrainConfig, step: int, num_examples: int) -> torch.Te
     return perm[offset * config.batch_size: (offset + 1) * config.batch_size]
 
 
+def step_seed(config: TrainConfig, step: int, rank: int) -> int:
+    """The seed of ``step``'s random draws (dropout) on ``rank``: a resumed run draws what an uninterrupted
+    one would have, with no RNG state in the checkpoint."""
+    return (config.seed * 1_000_003 + step) * 1024 + rank
+
+
 def preprocess_config(config: TrainConfig) -> PreprocessConfig:
     # Padding to the backbone's stride keeps an image's features independent of its batch neighbours.
     return PreprocessConfig(short_side=config.short_side, max_size=config.max_size,
@@ -143,7 +170,7 @@ def _save_checkpoint(out: Path, config: TrainConfig, model, optimizer, step: int
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                "rng": torch.get_rng_state(), "identity": json.dumps(config.identity(), sort_keys=True)}, tmp)
+                "identity": json.dumps(config.identity(), sort_keys=True)}, tmp)
     tmp.replace(path)
 
 
@@ -171,7 +198,6 @@ def _load_checkpoint(out: Path, config: TrainConfig, model, optimizer) -> int:
                        f"{int(before_decay)}); this run is at step {step}, rerun with --steps {saved_steps}")
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["rng"])
     return step
 
 
@@ -239,38 +265,64 @@ def _held_out_eval(model, tokenizer, preprocess, val_samples) -> dict:
     return result
 
 
-def train(config: TrainConfig, show_progress: bool = True) -> dict:
-    """Run (or resume) a training run; returns a summary with the final held-out evaluation."""
+def _tokenizer(config: TrainConfig, out: Path, captions: list, num_train: int, ranks: Ranks):
+    """The run's tokenizer: the ``--init`` teacher's, one saved by an earlier attempt, or a new one trained on
+    the training captions. Rank 0 writes it; the other ranks read what it wrote."""
+    if ranks.is_main and not (out / TOKENIZER_DIR).is_dir():
+        if config.init:
+            shutil.copytree(Path(config.init) / TOKENIZER_DIR, out / TOKENIZER_DIR)
+        else:
+            tokenizer = train_tokenizer((c for _, c in captions[:num_train]), config.vocab_size)
+            tokenizer.save_pretrained(str(out / TOKENIZER_DIR))
+    barrier(ranks)
+    return load_tokenizer(out / TOKENIZER_DIR)
+
+
+def _check(config: TrainConfig, num_images: int, ranks: Ranks) -> int:
+    """The number of training images, after refusing settings the run cannot work with."""
     if config.init and config.backbone_pretrain_steps:
         raise SgaError("--init starts from a trained teacher's weights, backbone included; drop "
                        "--backbone-pretrain-steps (or --init)")
+    if not 0 <= config.backbone_frozen_stages <= len(config.backbone_widths):
+        raise SgaError(f"--backbone-frozen-stages {config.backbone_frozen_stages}: the CNN has "
+                       f"{len(config.backbone_widths)} stages")
+    check_split(config.batch_size, ranks.world_size)
+    num_train = num_images - config.val_samples
+    if num_train < config.batch_size or config.val_samples < 1:
+        raise SgaError(f"{config.world} has {num_images} images: too few for --val-samples "
+                       f"{config.val_samples} and --batch-size {config.batch_size}; generate a bigger world")
+    return num_train
+
+
+def train(config: TrainConfig, show_progress: bool = True) -> dict:
+    """Run (or resume) a training run in this process, alone or as one rank of a torchrun job; returns a
+    summary with the final held-out evaluation (rank 0; the other ranks return ``{}``)."""
+    ranks = init_ranks()
+    try:
+        return _train(config, ranks, show_progress and ranks.is_main)
+    finally:
+        shutdown(ranks)
+
+
+def _train(config: TrainConfig, ranks: Ranks, show_progress: bool) -> dict:
     torch.set_num_threads(config.threads)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     preprocess = preprocess_config(config)
-
     captions = world_captions(config.world)
-    num_train = len(captions) - config.val_samples
-    if num_train < config.batch_size or config.val_samples < 1:
-        raise SgaError(f"{config.world} has {len(captions)} images: too few for --val-samples "
-                       f"{config.val_samples} and --batch-size {config.batch_size}; generate a bigger world")
-    if config.init and not (out / TOKENIZER_DIR).is_dir():
-        shutil.copytree(Path(config.init) / TOKENIZER_DIR, out / TOKENIZER_DIR)
-    if (out / TOKENIZER_DIR).is_dir():
-        tokenizer = load_tokenizer(out / TOKENIZER_DIR)
-    else:
-        tokenizer = train_tokenizer((c for _, c in captions[:num_train]), config.vocab_size)
-        tokenizer.save_pretrained(str(out / TOKENIZER_DIR))
+    num_train = _check(config, len(captions), ranks)
+    tokenizer = _tokenizer(config, out, captions, num_train, ranks)
 
     torch.manual_seed(config.seed)
     model = build_mdetr(model_config(config, len(tokenizer), aux_loss=True))
     max_text_len = min(model.config.num_classes, model.config.text_encoder["max_position_embeddings"] - 2)
     examples, val_samples = [], []
+    quiet = {} if show_progress else {"disable": True}
     for i, sample in enumerate(progress(iter_world(config.world), total=len(captions), desc="prepare",
-                                        unit="img", **({} if show_progress else {"disable": True}))):
+                                        unit="img", **quiet)):
         if i < num_train:
             examples.append(make_example(sample, tokenizer, preprocess, max_text_len))
-        else:
+        elif ranks.is_main:
             val_samples.append(sample)
 
     optimizer = _optimizer(model, config)
@@ -282,26 +334,40 @@ def train(config: TrainConfig, show_progress: bool = True) -> dict:
     if config.init and step == 0:   # a resumed run's checkpoint already holds the weights
         _init_weights(model, config.init)
     elif config.backbone_pretrain_steps > 0 and step == 0:
-        _pretrained_backbone(model, config, out, preprocess, show_progress)
+        # Rank 0 pretrains with every rank's threads while the others wait, then they read its result.
+        if ranks.is_main:
+            torch.set_num_threads(config.threads * ranks.world_size)
+            _pretrained_backbone(model, config, out, preprocess, show_progress)
+            torch.set_num_threads(config.threads)
+        barrier(ranks)
+        if not ranks.is_main:
+            _pretrained_backbone(model, config, out, preprocess, show_progress=False)
+    model.backbone[0].body.stages[: config.backbone_frozen_stages].requires_grad_(False)
     model.train()
     num_positions = model.config.num_classes + 1
-    bar = progress(total=config.steps, initial=step, desc="train", unit="step",
-                   **({} if show_progress else {"disable": True}))
+    params = [p for p in model.parameters() if p.requires_grad]
+    bar = progress(total=config.steps, initial=step, desc="train", unit="step", **quiet)
     running: dict[str, float] = {}
     tick = time.time()
     while step < config.steps:
-        batch = collate([examples[i] for i in batch_indices(config, step, len(examples)).tolist()],
-                        preprocess, tokenizer.pad_token_id, num_positions)
+        indices = share(batch_indices(config, step, len(examples)), ranks)
+        batch = collate([examples[i] for i in indices.tolist()], preprocess, tokenizer.pad_token_id,
+                        num_positions)
         lr = lr_at(config, step)
         for group in optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
+        torch.manual_seed(step_seed(config, step, ranks.rank))
+        # Every box of the global batch weighs the same: the per-rank losses use the global count per rank.
+        boxes = global_mean(torch.tensor([float(sum(len(t["boxes"]) for t in batch["targets"]))]), ranks)
         outputs = model(batch["images"], batch["image_mask"], batch["input_ids"], batch["attention_mask"])
-        losses = criterion(outputs, batch["targets"], batch["attention_mask"].bool())
+        losses = criterion(outputs, batch["targets"], batch["attention_mask"].bool(),
+                           num_boxes=max(boxes.item(), 1 / ranks.world_size))
         loss = criterion.weighted_total(losses)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        average_gradients(params, ranks)
         if config.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
         optimizer.step()
         step += 1
         bar.update(1)
@@ -310,24 +376,55 @@ def train(config: TrainConfig, show_progress: bool = True) -> dict:
                 running[key] = running.get(key, 0.0) + losses[key].item() / config.log_every
         running["loss"] = running.get("loss", 0.0) + loss.item() / config.log_every
         if step % config.log_every == 0:
+            means = global_mean(torch.tensor(list(running.values()), dtype=torch.float64), ranks).tolist()
+            running = dict(zip(running, means))
             now = time.time()
-            _log(out, {"step": step, "lr": lr, "images_per_s": round(config.log_every * config.batch_size
-                                                                    / (now - tick), 1),
-                       **{k: round(v, 4) for k, v in running.items()}})
+            if ranks.is_main:
+                _log(out, {"step": step, "lr": lr, "images_per_s": round(config.log_every * config.batch_size
+                                                                        / (now - tick), 1),
+                           **{k: round(v, 4) for k, v in running.items()}})
             bar.set_postfix(loss=f"{running['loss']:.3f}")
             running, tick = {}, now
         if step % config.checkpoint_every == 0 or step == config.steps:
-            _save_checkpoint(out, config, model, optimizer, step)
-        if step % config.eval_every == 0 or step == config.steps:
+            check_in_step(model, ranks)
+            if ranks.is_main:
+                _save_checkpoint(out, config, model, optimizer, step)
+        if ranks.is_main and (step % config.eval_every == 0 or step == config.steps):
             _log(out, {"step": step, "eval": _held_out_eval(model, tokenizer, preprocess, val_samples)})
             tick = time.time()
     bar.close()
+    if not ranks.is_main:
+        return {}
 
     final = _held_out_eval(model, tokenizer, preprocess, val_samples)
     model.config = model_config(config, len(tokenizer), aux_loss=False)
     save_mdetr(model, model.config, str(out), metadata={"trained_by": "sga teacher train", "steps": step})
     write_teacher_json(out, preprocess, {"train_config": config.identity(), "held_out": final,
                                          "parameters": sum(p.numel() for p in model.parameters())})
-    return {"out": str(out), "steps": step, "train_images": len(examples), "val_images": len(val_samples),
-            **{f"val_{k}": v for k, v in final.items() if k.startswith(("recall", "nonvisible_no"))}}
+    summary = {"out": str(out), "steps": step, "train_images": len(examples), "val_images": len(val_samples),
+               "nproc": ranks.world_size,
+               **{f"val_{k}": v for k, v in final.items() if k.startswith(("recall", "nonvisible_no"))}}
+    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=1, sort_keys=True))
+    return summary
 
+
+def _config_from_json(path: str) -> TrainConfig:
+    data = json.loads(Path(path).read_text())
+    return TrainConfig(**{**data, "backbone_widths": tuple(data["backbone_widths"])})
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="One rank of `sga teacher train --nproc K` (started by it).")
+    parser.add_argument("--config", required=True, help="train_config.json, written by `sga teacher train`")
+    args = parser.parse_args(argv)
+    exit_with_launcher()
+    try:
+        train(_config_from_json(args.config))
+    except SgaError as exc:
+        print(f"sga teacher train: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -128,6 +128,29 @@ def test_aux_losses_weights_and_total():
     assert torch.allclose(crit.weighted_total(losses), manual)
 
 
+def test_split_batches_with_the_global_box_count_average_to_the_whole_batch_loss():
+    """Data-parallel training: each rank's loss over its share, normalised by the global box count per rank,
+    averages (as the ranks' gradients are averaged) to the one-process loss of the whole batch."""
+    torch.manual_seed(1)
+    outputs = {"pred_logits": torch.randn(4, 3, 6), "pred_boxes": torch.rand(4, 3, 4) * 0.5 + 0.25,
+               "proj_queries": torch.nn.functional.normalize(torch.randn(4, 3, 8), dim=-1),
+               "proj_tokens": torch.nn.functional.normalize(torch.randn(4, 5, 8), dim=-1)}
+    rows = [[[1], [2, 3]], [], [[4]], [[1], [2], [3]]]          # 2, 0, 1 and 3 boxes
+    targets = [{"boxes": torch.rand(len(r), 2).repeat(1, 2) * 0.4 + 0.3, "positive_map": _pos_map(r, 6)}
+               if r else {"boxes": torch.zeros(0, 4), "positive_map": torch.zeros(0, 6)} for r in rows]
+    mask = torch.ones(4, 5, dtype=torch.bool)
+    crit = _criterion()
+    whole = crit(outputs, targets, mask)
+    halves = [crit({k: v[i: i + 2] for k, v in outputs.items()}, targets[i: i + 2], mask[i: i + 2],
+                   num_boxes=6 / 2) for i in (0, 2)]
+    for key in whole:
+        assert (halves[0][key] + halves[1][key]) / 2 == pytest.approx(whole[key].item(), rel=1e-5)
+    local = [crit({k: v[i: i + 2] for k, v in outputs.items()}, targets[i: i + 2], mask[i: i + 2])
+             for i in (0, 2)]
+    mean_of_local = (local[0]["loss_bbox"] + local[1]["loss_bbox"]).item() / 2   # each rank's own count
+    assert mean_of_local != pytest.approx(whole["loss_bbox"].item())
+
+
 def test_gradients_stay_finite_with_an_image_without_targets():
     logits = torch.randn(2, 3, 5, requires_grad=True)
     queries = torch.randn(2, 3, 8, requires_grad=True)

@@ -186,3 +186,47 @@ def test_cli_defaults_are_the_bundled_teachers_recipe_and_init_skips_cnn_pretrai
     asked = parse(["teacher", "train", "--world", "W", "--out", "T", "--init", "tiny",
                    "--backbone-pretrain-steps", "5"])
     assert train_config(asked).backbone_pretrain_steps == 5      # refused by train() with the fix
+
+
+def test_two_torchrun_ranks_stay_in_step_and_resume_exactly(world, tmp_path):
+    """`sga teacher train --nproc 2`: two real ranks each compute half of every batch; their weights are
+    checked equal at every checkpoint (a rank that stepped on its own gradients fails the run), and a resumed
+    two-rank run ends with the weights of an uninterrupted one."""
+    from teacher.parallel import launch
+
+    straight = tmp_path / "straight"
+    summary = launch(_config(world, straight, nproc=2), show_progress=False)
+    assert summary["nproc"] == 2 and summary["steps"] == 4 and summary["val_images"] == 8
+    log = [json.loads(line) for line in (straight / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "loss" in r] == [2, 4]          # rank 0 logs, once per step
+    assert [r["step"] for r in log if "eval" in r] == [2, 4]
+    assert sum("object_accuracy" in r for r in log) == 1               # rank 0 pretrained, the other read it
+
+    resumed = tmp_path / "resumed"
+    launch(_config(world, resumed, nproc=2, steps=2), show_progress=False)
+    launch(_config(world, resumed, nproc=2, steps=4), show_progress=False)
+    a, b = _weights(straight), _weights(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    teacher = load_teacher(str(straight), score_floor=0.0, top_k=2)
+    sample = next(iter_world(world))
+    answer = teacher.ground([GroundingInput(sample.image, sample.caption,
+                                            [(p.start, p.end) for p in sample.phrases])])[0]
+    assert len(answer) == len(sample.phrases)
+
+    with pytest.raises(SgaError, match="multiple of --nproc"):
+        launch(_config(world, tmp_path / "odd", nproc=3), show_progress=False)
+
+
+def test_frozen_cnn_stages_keep_their_pretrained_weights(world, tmp_path):
+    out = tmp_path / "frozen"
+    train(_config(world, out, backbone_frozen_stages=1), show_progress=False)
+    pretrained = safetensors.torch.load_file(str(out / "train_state" / "backbone.safetensors"))
+    trained = _weights(out)
+    convs = [k for k in pretrained if k.endswith(".0.weight")]             # the conv of every block
+    assert {k.split(".")[1] for k in convs} == {"0", "1"}
+    for key in convs:
+        same = torch.equal(pretrained[key], trained["backbone.0.body." + key])
+        assert same == key.startswith("stages.0."), key
+    with pytest.raises(SgaError, match="has 2 stages"):
+        train(_config(world, tmp_path / "bad", backbone_frozen_stages=3), show_progress=False)
