@@ -71,10 +71,13 @@ class TinyCNN(nn.Module):
         self.num_channels = in_ch
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        keep = None
         for stage in self.stages:
             for block in stage:
                 x = block(x)
-                x = x * ~resize_mask(mask, x.shape[-2:])[:, None]
+                if keep is None or keep.shape[-2:] != x.shape[-2:]:   # one resize per resolution
+                    keep = ~resize_mask(mask, x.shape[-2:])[:, None]
+                x = x * keep
         return x
 
 
