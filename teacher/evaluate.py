@@ -72,9 +72,11 @@ def evaluate_teacher(teacher: Teacher, samples: Iterable[GroundedSample], score_
 
 def eval_world(world_uri: str, teacher_spec: str = "tiny", device: str = "cpu", limit: int | None = None,
                score_threshold: float = 0.2, iou_threshold: float = 0.5, batch_size: int = 16,
-               show_progress: bool = True) -> dict:
-    """``sga teacher eval``: load ``teacher_spec`` with its full ranking and evaluate it on ``world_uri``."""
-    teacher = load_teacher(teacher_spec, device=device, score_floor=0.0, top_k=5)
+               show_progress: bool = True, long_captions: str | None = None) -> dict:
+    """``sga teacher eval``: load ``teacher_spec`` with its full ranking and evaluate it on ``world_uri``
+    (``long_captions``: an MDETR teacher's mode for captions past its text encoder; None: its default)."""
+    extra = {"long_captions": long_captions} if long_captions else {}
+    teacher = load_teacher(teacher_spec, device=device, score_floor=0.0, top_k=5, **extra)
     result = evaluate_teacher(teacher, iter_world(world_uri, limit), score_threshold, iou_threshold,
                               batch_size, show_progress, total=limit)
     return {"world": world_uri, "teacher": teacher_spec, "fingerprint": teacher.fingerprint, **result}

@@ -9,8 +9,10 @@ scoring below ``score_floor`` are dropped (this only removes boxes ranked after 
 k-th box clears the floor; with ``score_floor=0`` it is exactly MDETR's.
 
 Boxes are MDETR's sigmoid (cx, cy, w, h), normalised to the un-padded input, scaled to the original image's
-pixels as xyxy and clipped to the image. Captions longer than the model's text positions are truncated;
-phrases that then fall outside get no boxes (MDETR itself would fail on them).
+pixels as xyxy and clipped to the image. A caption longer than the model's text positions is grounded in
+windows of whole phrases (:mod:`teacher.windows`), each a caption of its own with the same image; with
+``long_captions="truncate"`` it is cut instead, and phrases past the cut get no boxes (MDETR's behaviour:
+its Flickr30k captions all fit).
 
 A teacher directory holds ``config.json`` + ``model.safetensors`` (:mod:`teacher.mdetr.checkpoint`),
 ``tokenizer/`` (a fast tokenizer) and ``teacher.json`` (``{"format", "kind", "preprocess", "info"}``).
@@ -36,20 +38,24 @@ from .mdetr.model import MDETR
 from .positive_map import positive_map
 from .preprocess import PreprocessConfig, preprocess_batch
 from .tokenizer import load_tokenizer
+from .windows import Window, caption_windows
 
 TEACHER_FILE = "teacher.json"
 TOKENIZER_DIR = "tokenizer"
 TEACHER_FORMAT = "sga-teacher"
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+LONG_CAPTIONS = ("windows", "truncate")
 
 
 @dataclass(frozen=True)
 class InferenceConfig:
-    """What turns model outputs into labels. ``precision`` is the autocast dtype (``fp32`` = no autocast)."""
+    """What turns model outputs into labels. ``precision`` is the autocast dtype (``fp32`` = no autocast);
+    ``long_captions`` is how captions longer than the text encoder are read (module docstring)."""
 
     score_floor: float = 0.05
     top_k: int = 10
     precision: str = "fp32"
+    long_captions: str = "windows"
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -106,8 +112,12 @@ class MDETRTeacher:
         self.model = model.to(self.device).eval()
         self.tokenizer = tokenizer
         self.preprocess = preprocess
+        if inference.long_captions not in LONG_CAPTIONS:
+            raise SgaError(f"unknown long-caption mode {inference.long_captions!r}; choose "
+                           f"{' or '.join(LONG_CAPTIONS)}")
         self.inference = InferenceConfig(inference.score_floor, inference.top_k,
-                                         resolve_precision(inference.precision, self.device))
+                                         resolve_precision(inference.precision, self.device),
+                                         inference.long_captions)
         self.max_batch = max_batch
         config = model.config
         # Positions the head can point at, and that RoBERTa can embed (it numbers positions from pad + 1).
@@ -122,7 +132,7 @@ class MDETRTeacher:
     @classmethod
     def from_dir(cls, path: str | Path, name: str | None = None, device: str = "cpu",
                  score_floor: float = 0.05, top_k: int = 10, precision: str = "auto",
-                 max_batch: int = 16) -> MDETRTeacher:
+                 max_batch: int = 16, long_captions: str = "windows") -> MDETRTeacher:
         """Load a teacher directory (see the module docstring)."""
         path = Path(path)
         info_path = path / TEACHER_FILE
@@ -136,17 +146,36 @@ class MDETRTeacher:
         model = load_mdetr(str(path))
         tokenizer = load_tokenizer(path / TOKENIZER_DIR)
         return cls(model, tokenizer, PreprocessConfig.from_dict(info["preprocess"]),
-                   InferenceConfig(score_floor, top_k, precision), name=name or path.name, device=device,
+                   InferenceConfig(score_floor, top_k, precision, long_captions), name=name or path.name,
+                   device=device,
                    max_batch=max_batch)
 
     def ground(self, batch: Sequence[GroundingInput]) -> list[list[PhraseBoxes]]:
         """``[sample][phrase]`` scored boxes; see :class:`teacher.base.Teacher`."""
-        for sample in batch:
+        parts: list[GroundingInput] = []
+        owners: list[tuple[int, tuple[int, ...]]] = []
+        for b, sample in enumerate(batch):
             _check_spans(sample)
-        out: list[list[PhraseBoxes]] = []
-        for i in range(0, len(batch), self.max_batch):
-            out.extend(self._ground_chunk(batch[i: i + self.max_batch]))
+            for w in self._windows(sample):
+                spans = [(sample.spans[i][0] - w.start, sample.spans[i][1] - w.start) for i in w.phrases]
+                parts.append(GroundingInput(sample.image, sample.caption[w.start: w.end], spans))
+                owners.append((b, w.phrases))
+        answers: list[list[PhraseBoxes]] = []
+        for i in range(0, len(parts), self.max_batch):
+            answers.extend(self._ground_chunk(parts[i: i + self.max_batch]))
+        out: list[list[PhraseBoxes]] = [[PhraseBoxes.empty()] * len(s.spans) for s in batch]
+        for (b, phrases), answer in zip(owners, answers):
+            for i, boxes in zip(phrases, answer):
+                out[b][i] = boxes
         return out
+
+    def _windows(self, sample: GroundingInput) -> list[Window]:
+        if self.inference.long_captions == "truncate":
+            return [Window(0, len(sample.caption), tuple(range(len(sample.spans))))]
+        # Counted untruncated (the call resets the truncation the model inputs set on the backend).
+        return caption_windows(sample.caption, sample.spans,
+                               lambda text: len(self.tokenizer(text, truncation=False)["input_ids"]),
+                               self.max_text_len)
 
     @torch.inference_mode()
     def _ground_chunk(self, batch: Sequence[GroundingInput]) -> list[list[PhraseBoxes]]:

@@ -175,6 +175,37 @@ def test_results_do_not_depend_on_batch_neighbours(parts):
         np.testing.assert_allclose(a.boxes, b.boxes, atol=1e-3)
 
 
+def test_captions_longer_than_the_text_encoder_are_grounded_in_windows(parts):
+    phrases = [f"a {c} circle" for c in ("red", "blue", "green", "yellow", "black")] * 8
+    caption = " next to ".join(phrases)
+    spans, at = [], 0
+    for phrase in phrases:
+        spans.append((caption.index(phrase, at), caption.index(phrase, at) + len(phrase)))
+        at = spans[-1][1]
+    sample = GroundingInput(_image(90, 120), caption, spans)
+    windows, cut = _teacher(parts, score_floor=0.0, top_k=3), _teacher(parts, score_floor=0.0, top_k=3,
+                                                                       long_captions="truncate")
+    assert len(windows.tokenizer(caption)["input_ids"]) > windows.max_text_len
+    by_window, truncated = windows.ground([sample])[0], cut.ground([sample])[0]
+    assert all(len(a.boxes) == 3 for a in by_window)                  # every phrase is read
+    assert len(truncated[-1].boxes) == 0 and len(truncated[0].boxes) == 3
+    # A phrase's answer is its window's, grounded as a caption of its own (up to text padding in the batch).
+    last = windows._windows(sample)[-1]
+    alone = windows.ground([GroundingInput(sample.image, caption[last.start: last.end],
+                                           [(spans[i][0] - last.start, spans[i][1] - last.start)
+                                            for i in last.phrases])])[0]
+    for i, answer in zip(last.phrases, alone):
+        np.testing.assert_allclose(by_window[i].scores, answer.scores, atol=1e-5)
+        np.testing.assert_allclose(by_window[i].boxes, answer.boxes, atol=1e-3)
+    # A caption that fits reads the same either way; the mode is part of the fingerprint.
+    short = GroundingInput(_image(90, 120), "a red circle next to a blue square", [(2, 12), (23, 34)])
+    for a, b in zip(windows.ground([short])[0], cut.ground([short])[0]):
+        np.testing.assert_array_equal(a.boxes, b.boxes)
+    assert windows.fingerprint != cut.fingerprint
+    with pytest.raises(SgaError, match="long-caption mode"):
+        _teacher(parts, long_captions="wrap")
+
+
 def test_spans_outside_the_caption_are_rejected(parts):
     with pytest.raises(ValueError, match="span"):
         _teacher(parts).ground([GroundingInput(_image(40, 40), "a red circle", [(5, 40)])])
