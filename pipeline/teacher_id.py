@@ -4,9 +4,11 @@ A teacher's fingerprint names the label set, so it is needed to find finished sh
 learn it costs torch and the weights, and the fingerprint depends on where the teacher runs (inference
 precision differs between CPU and GPU), so the job takes it from its teacher actors and records it in
 ``OUT/_teachers.json``, keyed by the spec, the teacher folder's file listing (relative path, size,
-modification time of every file), the device and the inference settings. The next run with an unchanged
-teacher folder finds the fingerprint there: a finished job reruns as a no-op without starting Ray or torch.
-Teachers that are not a folder (other registered names) are never cached.
+modification time of every file), the same listing of the ``teacher`` package's source (a new version of the
+inference code may ground differently, so it may change the fingerprint), the device and the inference
+settings. The next run with an unchanged teacher folder and code finds the fingerprint there: a finished job
+reruns as a no-op without starting Ray or torch. Teachers that are not a folder (other registered names) are
+never cached.
 """
 
 from __future__ import annotations
@@ -25,13 +27,18 @@ CACHE_NAME = "_teachers.json"
 TINY_RELATIVE = ("assets", "tiny")
 
 
+def _package_dir() -> Path | None:
+    found = importlib.util.find_spec("teacher")
+    if found is None or not found.submodule_search_locations:
+        return None
+    return Path(next(iter(found.submodule_search_locations)))
+
+
 def teacher_dir(spec: str) -> Path | None:
     """The folder behind ``spec``: ``tiny``'s bundled folder or a local path; None otherwise."""
     if spec == "tiny":
-        found = importlib.util.find_spec("teacher")
-        if found is None or not found.submodule_search_locations:
-            return None
-        return Path(next(iter(found.submodule_search_locations))).joinpath(*TINY_RELATIVE)
+        package = _package_dir()
+        return package.joinpath(*TINY_RELATIVE) if package is not None else None
     path = Path(spec).expanduser()
     return path.resolve() if path.is_dir() else None
 
@@ -49,14 +56,15 @@ def check_teacher_spec(spec: str) -> None:
                        "`sga teacher train` or `sga teacher convert`)")
 
 
-def folder_signature(path: Path) -> str | None:
-    """sha256 over every file's relative path, size and mtime; None when the folder is missing or empty."""
+def folder_signature(path: Path, suffix: str = "") -> str | None:
+    """sha256 over the relative path, size and mtime of every file (ending in ``suffix``); None when the
+    folder is missing or holds no such file."""
     if not path.is_dir():
         return None
     entries = []
     for root, dirs, files in os.walk(path):
         dirs.sort()
-        for name in sorted(files):
+        for name in sorted(f for f in files if f.endswith(suffix)):
             full = Path(root) / name
             st = full.stat()
             entries.append([str(full.relative_to(path)), st.st_size, st.st_mtime_ns])
@@ -68,7 +76,9 @@ def cache_key(spec: str, device: str, score_floor: float, top_k: int) -> str | N
     signature = folder_signature(path) if path is not None else None
     if signature is None:
         return None
+    package = _package_dir()
     ident = {"spec": spec, "dir": str(path), "files": signature, "device": device,
+             "code": folder_signature(package, ".py") if package is not None else None,
              "score_floor": score_floor, "top_k": top_k}
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
