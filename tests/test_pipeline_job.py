@@ -98,6 +98,8 @@ def test_default_job_rerun_tools_and_new_teacher_with_killed_workers(ray_instanc
     assert first["errors"] == sum(first["error_stages"].values())
     assert 0 <= first["precision"] <= 1 and 0 <= first["recall"] <= 1     # against the world's truth
     assert 0 < first["teacher_busy_fraction"] <= 1 and first["samples_per_s"] > 0
+    peaks = first["peak_rss_mb"]                    # one teacher and one shard worker: the sum of both
+    assert peaks["actors"] == peaks["teacher"] + peaks["shard_worker"] and peaks["teacher"] > 100
     counts = assert_exactly_once(first["labels"], str(world / "images"))
     assert counts == {"ok": first["ok"], "error": first["errors"]}
 
