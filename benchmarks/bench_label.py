@@ -7,9 +7,11 @@ Same samples, same teacher, same thread count for the teacher (one CPU by defaul
 2. the whole job on a local Ray instance (a teacher actor plus a shard worker that reads, decodes, parses,
    matches and writes), on N samples and on ``--scale`` x N samples.
 
-Printed: samples/s of both and their ratio (target >= 0.9), the non-teacher CPU cost in ms per sample per
-core (target <= 2), the job's peak memory at N and scale x N (target: flat, <= 1.2x), label bytes per sample
-(target <= 1 KB; on disk, and the JSON payload without tar headers), and the teacher's busy fraction.
+Printed: samples/s of both and their ratio (target >= 0.9) at N and at scale x N samples (a one-shard job
+pays its start and end, when the teacher waits for the first batch and the last files, on few samples), the
+non-teacher CPU cost in ms per sample per core (target <= 2), the job's peak memory (all actors) at N and
+scale x N (target: flat, <= 1.2x), label bytes per sample (target <= 1 KB; on disk, and the JSON payload
+without tar headers), and the teacher's busy fraction.
 
     .venv/bin/python benchmarks/bench_label.py --samples 250 --scale 10 --teacher tiny
 """
@@ -127,10 +129,11 @@ def main(argv=None) -> int:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     # The teacher alone is timed before and after the jobs and the faster run kept: on a shared machine
     # this errs towards a lower (more conservative) job-to-teacher ratio.
-    alone = teacher_alone(small, args)
+    alone, alone_10n = teacher_alone(small, args), teacher_alone(large, args)
     job_n = whole_job(small, root / f"labels-{stamp}-n", args)
     job_10n = whole_job(large, root / f"labels-{stamp}-10n", args)
     alone = max(alone, teacher_alone(small, args), key=lambda r: r["samples_per_s"])
+    alone_10n = max(alone_10n, teacher_alone(large, args), key=lambda r: r["samples_per_s"])
 
     def peak(job):
         return job["peak_rss_mb"]["actors"]
@@ -140,9 +143,12 @@ def main(argv=None) -> int:
         "teacher_alone_samples_per_s": alone["samples_per_s"],
         "job_samples_per_s": job_n["samples_per_s"],
         "ratio_job_to_teacher": job_n["samples_per_s"] / alone["samples_per_s"],
+        "teacher_alone_samples_per_s_10n": alone_10n["samples_per_s"],
+        "ratio_job_to_teacher_10n": job_10n["samples_per_s"] / alone_10n["samples_per_s"],
         "job_end_to_end_samples_per_s": job_n["samples"] / job_n["wall_s"],
         "non_teacher_ms_per_sample_per_core": job_n["prep_ms_per_sample"],
         "non_teacher_ms_per_sample_per_core_10n": job_10n["prep_ms_per_sample"],
+        "ground_truth_scoring_ms_per_sample_10n": job_10n["scoring_ms_per_sample"],
         "teacher_busy_fraction": job_n["teacher_busy_fraction"],
         "teacher_busy_fraction_10n": job_10n["teacher_busy_fraction"],
         "peak_rss_mb_n": peak(job_n), "peak_rss_mb_10n": peak(job_10n),

@@ -144,6 +144,8 @@ def run_shards(plan: JobPlan, config: LabelJobConfig, actors: LabelActors) -> di
         "teachers": len(teachers), "shard_workers": len(workers),
         "teacher_busy_fraction": busy / (wall * len(teachers)) if wall > 0 else None,
         "prep_ms_per_sample": 1000 * sum(s["prep_cpu_s"] for s in done_stats) / max(samples, 1),
+        # Part of prep: scoring M against a synthetic world's hidden truth (--gt), which real data lacks.
+        "scoring_ms_per_sample": 1000 * sum(s["scoring_cpu_s"] for s in done_stats) / max(samples, 1),
         # Per kind, the largest actor's peak; "actors": the sum over every actor, the job's footprint.
         "peak_rss_mb": {"teacher": max(t["peak_rss_mb"] for t in after),
                         "shard_worker": max(w["peak_rss_mb"] for w in worker_stats),

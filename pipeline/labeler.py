@@ -130,6 +130,7 @@ class _ShardRun:
         self.counts = dict.fromkeys(("phrases", "positives", "regions", "grounded", "teacher_errors",
                                      "tp", "fp", "fn"), 0)
         self.teacher_wait = 0.0
+        self.scoring_cpu = 0.0      # thread CPU spent scoring M against the world's truth (synthetic only)
         self._unreported = 0
 
     def error(self, index: int, err: SampleError, in_batch: bool = False) -> None:
@@ -203,8 +204,10 @@ class _ShardRun:
             self.counts["regions"] += s.regions.num_boxes
             self.counts["grounded"] += bool(s.spans)
             if self.truth is not None and s.key in self.truth:
+                scoring = time.thread_time()
                 tp, fp, fn = score_alignment(s.spans, align, self.truth[s.key], s.regions.boxes,
                                              info.iou_threshold)
+                self.scoring_cpu += time.thread_time() - scoring
                 self.counts["tp"] += tp
                 self.counts["fp"] += fp
                 self.counts["fn"] += fn
@@ -250,8 +253,10 @@ def label_shard(task: ShardTask, shard: str, extractor: PhraseExtractor, client:
 
     Stats keys: ``labelset_id, shard, samples, ok, errors, error_stages, phrases, positives, regions,
     grounded, teacher_errors, tp, fp, fn, scored, label_bytes, phrase_cache_hits, phrase_cache_misses,
-    seconds, prep_cpu_s, teacher_wait_s``. Raises :class:`TeacherFailure` (nothing committed) when the
-    teacher failed on every one of at least two samples.
+    seconds, prep_cpu_s, scoring_cpu_s, teacher_wait_s``. ``prep_cpu_s`` is this thread's CPU time less the
+    teacher's when it ran here; ``scoring_cpu_s`` is the part of it spent scoring against ground truth.
+    Raises :class:`TeacherFailure` (nothing committed) when the teacher failed on every one of at least two
+    samples.
     """
     start, cpu_start, local_start = time.perf_counter(), time.thread_time(), client.local_cpu_s
     fs.makedirs(task.labelset_uri)
@@ -297,6 +302,7 @@ def label_shard(task: ShardTask, shard: str, extractor: PhraseExtractor, client:
         "phrase_cache_hits": run.cache.hits, "phrase_cache_misses": run.cache.misses,
         "seconds": time.perf_counter() - start, "teacher_wait_s": run.teacher_wait,
         "prep_cpu_s": time.thread_time() - cpu_start - (client.local_cpu_s - local_start),
+        "scoring_cpu_s": run.scoring_cpu,
     }
     write_marker(task.labelset_uri, shard, stats)
     return stats
