@@ -14,6 +14,8 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from .errors import SgaError
+
 Handler = Callable[[argparse.Namespace], dict[str, Any]]
 
 
@@ -54,3 +56,18 @@ def exit_with_launcher() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
     if os.getppid() != parent:  # the launcher died before the request took effect
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def rank_main(argv: list[str] | None, command: str, config_help: str, run: Callable[[str], Any]) -> int:
+    """Entry point of one rank that ``command`` started under torchrun: ``--config FILE`` goes to ``run``;
+    the rank dies with its launcher, and an :class:`SgaError` becomes one line on stderr and exit status 2."""
+    parser = argparse.ArgumentParser(description=f"One rank of `{command}` (started by it).")
+    parser.add_argument("--config", required=True, help=config_help)
+    args = parser.parse_args(argv)
+    exit_with_launcher()
+    try:
+        run(args.config)
+    except SgaError as exc:
+        print(f"{command}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0

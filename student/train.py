@@ -13,7 +13,6 @@ Entry point for torchrun: ``python -m student.train --config OUT/pretrain_config
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import logging
 import math
@@ -27,7 +26,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from shards import fs
-from shards.cliutil import exit_with_launcher
+from shards.cliutil import rank_main
 from shards.errors import SgaError
 from shards.regions import read_regions_info
 
@@ -313,16 +312,8 @@ def _default_log_dir(out: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="One rank of `sga pretrain` (normally started by it).")
-    parser.add_argument("--config", required=True, help=f"a {CONFIG_FILE} written by `sga pretrain`")
-    args = parser.parse_args(argv)
-    exit_with_launcher()
-    try:
-        train(TrainConfig.from_dict(fs.read_json(args.config)))
-    except SgaError as exc:
-        print(f"sga pretrain: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return rank_main(argv, "sga pretrain", f"a {CONFIG_FILE} written by `sga pretrain`",
+                     lambda path: train(TrainConfig.from_dict(fs.read_json(path))))
 
 
 if __name__ == "__main__":

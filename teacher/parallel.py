@@ -51,26 +51,22 @@ class Ranks:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
 
 def init_ranks() -> Ranks:
     """Read torchrun's ``RANK``/``WORLD_SIZE`` and join the gloo process group when there are peers."""
     ranks = Ranks(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
-    if ranks.distributed and not dist.is_initialized():
+    if ranks.world_size > 1 and not dist.is_initialized():
         dist.init_process_group("gloo", timeout=COLLECTIVE_TIMEOUT)
     return ranks
 
 
 def shutdown(ranks: Ranks) -> None:
-    if ranks.distributed and dist.is_initialized():
+    if ranks.world_size > 1 and dist.is_initialized():
         dist.destroy_process_group()
 
 
 def barrier(ranks: Ranks) -> None:
-    if ranks.distributed:
+    if ranks.world_size > 1:
         dist.barrier()
 
 
@@ -83,12 +79,12 @@ def check_split(batch_size: int, world_size: int) -> None:
 
 def share(indices: torch.Tensor, ranks: Ranks) -> torch.Tensor:
     """This rank's contiguous share of a global batch's example ``indices [B]`` (``B`` divisible by ranks)."""
-    return indices.chunk(ranks.world_size)[ranks.rank] if ranks.distributed else indices
+    return indices.chunk(ranks.world_size)[ranks.rank]
 
 
 def global_mean(values: torch.Tensor, ranks: Ranks) -> torch.Tensor:
     """The mean over ranks of a float tensor (the tensor itself with one rank)."""
-    if not ranks.distributed:
+    if ranks.world_size == 1:
         return values
     total = values.detach().clone()
     dist.all_reduce(total)
@@ -101,7 +97,7 @@ def average_gradients(params: Sequence[torch.nn.Parameter], ranks: Ranks) -> Non
     A parameter with a gradient on some ranks only gets zeros from the others; one with a gradient on none
     keeps ``None``, so the optimizer skips it exactly as a one-process run would.
     """
-    if not ranks.distributed:
+    if ranks.world_size == 1:
         return
     present = torch.tensor([p.grad is not None for p in params], dtype=torch.int32)
     dist.all_reduce(present)
@@ -117,7 +113,7 @@ def average_gradients(params: Sequence[torch.nn.Parameter], ranks: Ranks) -> Non
 
 def check_in_step(module: torch.nn.Module, ranks: Ranks) -> None:
     """Raise when the ranks' weights have drifted apart (they must take identical steps)."""
-    if not ranks.distributed:
+    if ranks.world_size == 1:
         return
     with torch.no_grad():
         digest = torch.stack([p.double().abs().sum() for p in module.parameters()]).sum().reshape(1)

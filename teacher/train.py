@@ -18,7 +18,6 @@ Entry point of a rank: ``python -m teacher.train --config OUT/train_config.json`
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -32,7 +31,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from shards.cliutil import exit_with_launcher
+from shards.cliutil import rank_main
 from shards.errors import SgaError
 from shards.progress import progress
 
@@ -414,16 +413,8 @@ def _config_from_json(path: str) -> TrainConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="One rank of `sga teacher train --nproc K` (started by it).")
-    parser.add_argument("--config", required=True, help="train_config.json, written by `sga teacher train`")
-    args = parser.parse_args(argv)
-    exit_with_launcher()
-    try:
-        train(_config_from_json(args.config))
-    except SgaError as exc:
-        print(f"sga teacher train: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return rank_main(argv, "sga teacher train", "train_config.json, written by `sga teacher train --nproc K`",
+                     lambda path: train(_config_from_json(path)))
 
 
 if __name__ == "__main__":
