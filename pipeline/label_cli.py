@@ -63,6 +63,10 @@ def _add_label(subparsers) -> None:
     r.add_argument("--cpus-per-shard-worker", type=float, default=1.0)
     r.add_argument("--batch-size", type=int, default=16, help="samples per teacher call")
     r.add_argument("--max-inflight", type=int, default=2, help="batches per shard worker at the teachers")
+    r.add_argument("--decode", choices=("worker", "teacher"), default="worker",
+                   help="where JPEGs are decoded: in the shard workers, which send pixels (default; the "
+                        "teachers only run their model), or in the teachers, which then receive the ~10x "
+                        "smaller JPEGs (for clusters short of network bandwidth, not CPU)")
     r.add_argument("--device", help="teacher device (default: cuda with --gpus-per-worker, else cpu)")
 
 
@@ -82,7 +86,8 @@ def _label(args: argparse.Namespace) -> dict:
         teacher=args.teacher, gt=args.gt, address=args.address, num_cpus=args.num_cpus, workers=args.workers,
         gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker,
         shard_workers=args.shard_workers, cpus_per_shard_worker=args.cpus_per_shard_worker,
-        batch_size=args.batch_size, max_inflight=args.max_inflight, score_floor=args.score_floor,
+        batch_size=args.batch_size, max_inflight=args.max_inflight, decode=args.decode,
+        score_floor=args.score_floor,
         score_threshold=args.score_threshold, iou_threshold=args.iou_threshold, top_k=args.top_k,
         device=args.device, validation=ValidationConfig(max_caption_chars=args.max_caption_chars),
         show_progress=not args.json,

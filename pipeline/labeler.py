@@ -39,6 +39,7 @@ from .reader import ShardItem, iter_shard
 from .validate import (
     ValidationConfig,
     check_caption,
+    check_image,
     check_regions,
     check_status,
     decode_rgb,
@@ -46,6 +47,12 @@ from .validate import (
 )
 
 PHRASE_CHUNK = 64  # samples whose captions go through spaCy together
+# Where images are decoded. "worker": the shard worker decodes each image once, validating it, and sends the
+# pixels, so a teacher (a GPU above all) only runs its model; pixels are ~10x the bytes of the JPEG through
+# Ray's object store, which costs nothing on one node. "teacher": the worker only checks the image (a
+# draft-mode decode) and sends the JPEG; the teacher decodes it, for clusters where the network between
+# shard workers and teachers, not CPU, is the scarce resource.
+DECODE = ("worker", "teacher")
 
 
 class TeacherClient(Protocol):
@@ -91,6 +98,7 @@ class ShardTask:
     feature_dim: int | None = None    # from regions.json; samples with another width are rejected
     batch_size: int = 16
     max_inflight: int = 2
+    decode: str = "worker"            # where JPEGs become pixels: "worker" (here) or "teacher" (see DECODE)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
 
     @property
@@ -108,7 +116,7 @@ class _Sample:
     index: int
     key: str
     caption: str
-    jpg: bytes          # sent to the teacher encoded: a tenth of the bytes through Ray's object store
+    image: bytes | np.ndarray   # the JPEG, or uint8 [H, W, 3] RGB when the worker decodes (ShardTask.decode)
     width: int
     height: int
     regions: RegionRecord
@@ -145,9 +153,14 @@ class _ShardRun:
         cfg = self.task.validation
         check_status(item.key, image.status, image.error_message)
         caption = check_caption(item.key, image.caption, cfg)
-        width, height = verify_image(item.key, image.status, image.jpg, image.error_message, cfg)
+        if self.task.decode == "worker":
+            pixels = check_image(item.key, image.status, image.jpg, image.error_message, cfg)
+            (height, width), sent = pixels.shape[:2], pixels
+        else:
+            width, height = verify_image(item.key, image.status, image.jpg, image.error_message, cfg)
+            sent = image.jpg
         regions = check_regions(item.key, item.regions, width, height, self.task.feature_dim, cfg)
-        return _Sample(index, item.key, caption, image.jpg, width, height, regions)
+        return _Sample(index, item.key, caption, sent, width, height, regions)
 
     def submit(self, chunk: list[_Sample]) -> None:
         """Phrases for a chunk of samples in one spaCy call, then its teacher batches, keeping at most
@@ -219,22 +232,22 @@ class _ShardRun:
 
 
 def _inputs(samples: Sequence[_Sample]) -> list[tuple]:
-    """``(image bytes, caption, spans)`` per sample: ``teacher.base.GroundingInput`` is built where the
-    teacher runs (so this side never imports the teacher package), from the image as encoded."""
-    return [(s.jpg, s.caption, list(s.spans)) for s in samples]
+    """``(image, caption, spans)`` per sample: ``teacher.base.GroundingInput`` is built where the teacher
+    runs (so this side never imports the teacher package)."""
+    return [(s.image, s.caption, list(s.spans)) for s in samples]
 
 
 def ground_plain(teacher, batch: Sequence[tuple]) -> list[list[tuple[np.ndarray, np.ndarray]]]:
-    """``teacher.ground`` on ``(image bytes, caption, spans)`` tuples, answering ``(boxes, scores)`` tuples.
+    """``teacher.ground`` on ``(image, caption, spans)`` tuples, answering ``(boxes, scores)`` tuples.
 
     Only plain tuples, bytes and arrays cross between the labeler and the teacher, so the labeling side
-    never imports (or unpickles objects of) the teacher package and its model libraries. Images travel
-    encoded and are decoded here (they were decoded once already, to validate them): decoded pixels are
-    ~10x larger, and every byte of a batch passes through Ray's shared-memory object store.
+    never imports (or unpickles objects of) the teacher package and its model libraries. An image is uint8
+    ``[H, W, 3]`` pixels, or encoded bytes decoded here (``ShardTask.decode``).
     """
     from teacher.base import GroundingInput
 
-    inputs = [GroundingInput(decode_rgb(data), caption, spans) for data, caption, spans in batch]
+    inputs = [GroundingInput(data if isinstance(data, np.ndarray) else decode_rgb(data), caption, spans)
+              for data, caption, spans in batch]
     answers = teacher.ground(inputs)
     return [[(pb.boxes, pb.scores) for pb in sample] for sample in answers]
 

@@ -25,7 +25,7 @@ from shards.labels import (
 from shards.manifest import read_marker
 from shards.regions import read_regions_info
 
-from .labeler import ShardTask
+from .labeler import DECODE, ShardTask
 from .labelsets import JOB_NAME, read_job
 from .phrases import CACHE_DIR, PhraseConfig, cache_slug, describe_model
 from .teacher_id import CACHE_NAME, check_teacher_spec
@@ -50,6 +50,7 @@ class LabelJobConfig:
     cpus_per_shard_worker: float = 1.0
     batch_size: int = 16
     max_inflight: int = 2                 # batches per shard worker queued at the teachers
+    decode: str = "worker"                # where images are decoded (pipeline.labeler.DECODE)
     score_floor: float = 0.05
     score_threshold: float = 0.1          # best F1 of the tiny teacher's M on a held-out world
     iou_threshold: float = 0.5
@@ -169,6 +170,8 @@ def check_job(config: LabelJobConfig) -> CheckedInputs:
                        f"({config.score_threshold}) <= 1")
     if config.batch_size < 1 or config.max_inflight < 1:
         raise SgaError("--batch-size and --max-inflight must be >= 1")
+    if config.decode not in DECODE:
+        raise SgaError(f"--decode {config.decode!r}: choose {' or '.join(DECODE)}")
     check_teacher_spec(config.teacher)
     _, _, extractor = describe_model(config.phrases)
     return CheckedInputs(shards, regions_info.get("feature_dim"), extractor)
@@ -194,7 +197,7 @@ def plan_job(config: LabelJobConfig, checked: CheckedInputs, teacher_name: str,
     check_same_inputs(uri, config)
     task = ShardTask(images_uri=config.images, regions_uri=config.regions, labels_root=config.out, info=info,
                      gt_uri=config.gt, feature_dim=checked.feature_dim, batch_size=config.batch_size,
-                     max_inflight=config.max_inflight, validation=config.validation)
+                     max_inflight=config.max_inflight, decode=config.decode, validation=config.validation)
     clean_partial(task)
     fs.write_json(fs.join(uri, JOB_NAME), {
         "images": config.images, "regions": config.regions, "gt": config.gt, "shards": checked.shards,

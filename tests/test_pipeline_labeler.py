@@ -147,6 +147,12 @@ def test_labels_are_deterministic_and_phrases_are_cached_across_teachers(tmp_pat
     again = label_shard(task, "00000", extractor, LocalTeacherClient(teacher))
     assert fs.read_bytes(tar) == before
     assert again["phrase_cache_hits"] == first["ok"] and again["phrase_cache_misses"] == 0
+    # JPEGs decoded by the teacher instead of the shard worker: the same pixels, byte-identical labels.
+    assert task.decode == "worker"
+    task.decode = "teacher"
+    label_shard(task, "00000", extractor, LocalTeacherClient(teacher))
+    assert fs.read_bytes(tar) == before
+    task.decode = "worker"
     # Other batching: the same phrases and boxes up to the teacher's float noise from batch padding.
     records = list(iter_label_shard(task.labelset_uri, "00000"))
     task.batch_size, task.max_inflight = 7, 1
