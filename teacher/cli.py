@@ -115,6 +115,9 @@ def register(subparsers) -> None:
                         "(default 600; 0 with --init)")
     p.add_argument("--backbone-lr-ratio", type=float,
                    help="the CNN's learning rate relative to --lr (default 0.1)")
+    p.add_argument("--long-captions", choices=("truncate", "windows"),
+                   help="training captions longer than the text encoder: truncated (default), or one "
+                        "example per window of whole phrases, as the teacher grounds them")
     p.add_argument("--backbone-frozen-stages", type=int,
                    help="CNN stages (from the input) left as pretrained, not trained (default 0)")
     p.add_argument("--init", help="start from this teacher directory's weights and tokenizer (a second "

@@ -56,7 +56,7 @@ from .parallel import (
 )
 from .preprocess import PreprocessConfig
 from .tokenizer import load_tokenizer, train_tokenizer
-from .traindata import collate, make_example
+from .traindata import collate, make_examples
 from .worlddata import iter_world, world_captions
 
 CHECKPOINT = "train_state/checkpoint.pt"
@@ -96,6 +96,9 @@ class TrainConfig:
     eos_coef: float = 0.1             # weight of the no-object target of unmatched queries
     contrastive_align: bool = True
     contrastive_weight: float = 1.0   # weight of the contrastive alignment loss (MDETR: 1)
+    # Training captions longer than the text encoder: "truncate" (phrases past the cut are not learnt) or
+    # "windows", one example per window of whole phrases, as the teacher grounds such captions.
+    long_captions: str = "truncate"
     # The CNN is pretrained first (teacher.backbone_pretrain) and then trained at a tenth of ``lr``: from
     # scratch the CNN carried no colour at object cells and recall@1 plateaued at 0.57 (issue 3).
     backbone_pretrain_steps: int = 600    # 0: no pretraining
@@ -282,6 +285,8 @@ def _check(config: TrainConfig, num_images: int, ranks: Ranks) -> int:
     if config.init and config.backbone_pretrain_steps:
         raise SgaError("--init starts from a trained teacher's weights, backbone included; drop "
                        "--backbone-pretrain-steps (or --init)")
+    if config.long_captions not in ("truncate", "windows"):
+        raise SgaError(f"--long-captions {config.long_captions!r}: choose truncate or windows")
     if not 0 <= config.backbone_frozen_stages <= len(config.backbone_widths):
         raise SgaError(f"--backbone-frozen-stages {config.backbone_frozen_stages}: the CNN has "
                        f"{len(config.backbone_widths)} stages")
@@ -320,7 +325,8 @@ def _train(config: TrainConfig, ranks: Ranks, show_progress: bool) -> dict:
     for i, sample in enumerate(progress(iter_world(config.world), total=len(captions), desc="prepare",
                                         unit="img", **quiet)):
         if i < num_train:
-            examples.append(make_example(sample, tokenizer, preprocess, max_text_len))
+            examples.extend(make_examples(sample, tokenizer, preprocess, max_text_len,
+                                          windows=config.long_captions == "windows"))
         elif ranks.is_main:
             val_samples.append(sample)
 
@@ -400,8 +406,8 @@ def _train(config: TrainConfig, ranks: Ranks, show_progress: bool) -> dict:
     save_mdetr(model, model.config, str(out), metadata={"trained_by": "sga teacher train", "steps": step})
     write_teacher_json(out, preprocess, {"train_config": config.identity(), "held_out": final,
                                          "parameters": sum(p.numel() for p in model.parameters())})
-    summary = {"out": str(out), "steps": step, "train_images": len(examples), "val_images": len(val_samples),
-               "nproc": ranks.world_size,
+    summary = {"out": str(out), "steps": step, "train_images": num_train, "train_examples": len(examples),
+               "val_images": len(val_samples), "nproc": ranks.world_size,
                **{f"val_{k}": v for k, v in final.items() if k.startswith(("recall", "nonvisible_no"))}}
     (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=1, sort_keys=True))
     return summary

@@ -1,7 +1,9 @@
 """Training examples for the tiny teacher: world samples -> resized images, token ids and matched targets.
 
 Every sample is prepared once (decode, resize to the teacher's input size, tokenise) and kept in memory; a
-batch is then only normalisation, padding and stacking. Targets follow MDETR: one target per distinct true
+batch is then only normalisation, padding and stacking. A caption longer than the text encoder is truncated,
+or split into windows of whole phrases (:mod:`teacher.windows`, as the teacher grounds it), one example each
+sharing the image. Targets follow MDETR: one target per distinct true
 box, whose positive map covers the tokens of *every* phrase that names that box (so "the red circle" and
 "two circles" share the red circle's target), normalised to sum to 1. Phrases naming nothing get no target:
 the model learns to leave their tokens unpointed.
@@ -9,6 +11,7 @@ the model learns to leave their tokens unpointed.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -17,6 +20,7 @@ import torch
 
 from .positive_map import token_span
 from .preprocess import PreprocessConfig, normalize, pad_batch, resize_image
+from .windows import caption_windows
 from .worlddata import GroundedSample
 
 
@@ -31,9 +35,27 @@ class Example:
     tokens: np.ndarray
 
 
-def make_example(sample: GroundedSample, tokenizer, preprocess: PreprocessConfig,
-                 max_text_len: int) -> Example:
-    """Prepare one sample (module docstring). Boxes whose phrases were all truncated away are dropped."""
+def make_examples(sample: GroundedSample, tokenizer, preprocess: PreprocessConfig, max_text_len: int,
+                  windows: bool = False) -> list[Example]:
+    """The sample's example, or with ``windows`` one per window of a caption longer than ``max_text_len``
+    tokens (each window's phrases re-based to it; the resized image is shared, not copied)."""
+    image = resize_image(sample.image, preprocess)
+    if not windows:
+        return [make_example(sample, tokenizer, preprocess, max_text_len, image)]
+    spans = [(p.start, p.end) for p in sample.phrases]
+    parts = caption_windows(sample.caption, spans, lambda text: len(tokenizer(text)["input_ids"]),
+                            max_text_len)
+    return [make_example(GroundedSample(sample.key, sample.image, sample.caption[w.start: w.end],
+                                        [dataclasses.replace(sample.phrases[i], start=spans[i][0] - w.start,
+                                                             end=spans[i][1] - w.start) for i in w.phrases]),
+                         tokenizer, preprocess, max_text_len, image)
+            for w in parts]
+
+
+def make_example(sample: GroundedSample, tokenizer, preprocess: PreprocessConfig, max_text_len: int,
+                 image: np.ndarray | None = None) -> Example:
+    """Prepare one sample (module docstring); ``image`` is the already resized image, if at hand. Boxes
+    whose phrases were all truncated away are dropped."""
     tokenized = tokenizer(sample.caption, truncation=True, max_length=max_text_len)
     num_tokens = len(tokenized["input_ids"])
     height, width = sample.image.shape[:2]
@@ -49,8 +71,9 @@ def make_example(sample: GroundedSample, tokenizer, preprocess: PreprocessConfig
     xyxy = np.clip(np.asarray(list(by_box), dtype=np.float32).reshape(-1, 4) / scale, 0.0, 1.0)
     cxcywh = np.concatenate([(xyxy[:, :2] + xyxy[:, 2:]) / 2, xyxy[:, 2:] - xyxy[:, :2]], axis=1)
     tokens = np.stack(list(by_box.values())) if by_box else np.zeros((0, num_tokens), dtype=bool)
-    return Example(resize_image(sample.image, preprocess), np.asarray(tokenized["input_ids"], dtype=np.int64),
-                   cxcywh.astype(np.float32), tokens)
+    image = resize_image(sample.image, preprocess) if image is None else image
+    return Example(image, np.asarray(tokenized["input_ids"], dtype=np.int64), cxcywh.astype(np.float32),
+                   tokens)
 
 
 def collate(examples: Sequence[Example], preprocess: PreprocessConfig, pad_token_id: int,

@@ -219,8 +219,12 @@ def test_two_torchrun_ranks_stay_in_step_and_resume_exactly(world, tmp_path):
 
 
 def test_frozen_cnn_stages_keep_their_pretrained_weights(world, tmp_path):
+    from teacher.worlddata import world_captions
+
     out = tmp_path / "frozen"
-    train(_config(world, out, backbone_frozen_stages=1), show_progress=False)
+    config = _config(world, out, backbone_frozen_stages=1, long_captions="windows")
+    summary = train(config, show_progress=False)
+    assert summary["train_examples"] >= summary["train_images"] == len(world_captions(world)) - 8
     pretrained = safetensors.torch.load_file(str(out / "train_state" / "backbone.safetensors"))
     trained = _weights(out)
     convs = [k for k in pretrained if k.endswith(".0.weight")]             # the conv of every block
@@ -230,3 +234,34 @@ def test_frozen_cnn_stages_keep_their_pretrained_weights(world, tmp_path):
         assert same == key.startswith("stages.0."), key
     with pytest.raises(SgaError, match="has 2 stages"):
         train(_config(world, tmp_path / "bad", backbone_frozen_stages=3), show_progress=False)
+    with pytest.raises(SgaError, match="choose truncate or windows"):
+        train(_config(world, tmp_path / "bad", long_captions="wrap"), show_progress=False)
+
+
+def test_long_training_captions_become_one_example_per_window():
+    import numpy as np
+
+    from teacher.preprocess import PreprocessConfig
+    from teacher.tokenizer import train_tokenizer
+    from teacher.traindata import make_examples
+    from teacher.worlddata import GroundedSample, GTPhrase
+
+    phrases = [f"the {c} circle" for c in ("red", "blue", "green", "pink", "black", "white")] * 3
+    caption = " and ".join(phrases)
+    truth, at = [], 0
+    for i, phrase in enumerate(phrases):       # a box of its own per phrase
+        start = caption.index(phrase, at)
+        truth.append(GTPhrase(start, start + len(phrase), np.asarray([[3 * i, 0, 3 * i + 2, 10]], np.float32),
+                              True))
+        at = start + len(phrase)
+    sample = GroundedSample("k", np.zeros((64, 64, 3), np.uint8), caption, truth)
+    tokenizer = train_tokenizer([caption] * 5, vocab_size=300)
+    pre = PreprocessConfig(short_side=32, max_size=64, size_multiple=4)
+
+    (truncated,) = make_examples(sample, tokenizer, pre, max_text_len=16)
+    windows = make_examples(sample, tokenizer, pre, max_text_len=16, windows=True)
+    assert len(windows) > 1 and all(len(e.input_ids) <= 16 for e in windows)
+    assert sum(len(e.boxes) for e in windows) == len(phrases) > len(truncated.boxes)   # each phrase once
+    assert all(e.image is windows[0].image for e in windows)                          # one resized copy
+    assert make_examples(GroundedSample("s", sample.image, "the red circle", truth[:1]), tokenizer, pre, 16,
+                         windows=True)[0].boxes.shape == (1, 4)
