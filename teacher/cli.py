@@ -35,7 +35,7 @@ roberta-base's tokenizer.json or vocab.json + merges.txt; nothing is downloaded)
 
 def train_config(args: argparse.Namespace):
     """The ``TrainConfig`` of ``sga teacher train`` arguments: given flags over the dataclass defaults."""
-    from .train import TrainConfig
+    from .train_config import TrainConfig
 
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     values = {k: v for k, v in vars(args).items() if k in names and v is not None}

@@ -13,7 +13,8 @@ import teacher
 from shards.errors import SgaError
 from shards.synthetic.world import WorldConfig, build_world
 from teacher import GroundingInput, load_teacher
-from teacher.train import TrainConfig, lr_at, train
+from teacher.train import train
+from teacher.train_config import TrainConfig, lr_at
 from teacher.worlddata import iter_world
 
 torch.set_num_threads(1)
