@@ -38,6 +38,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-cpus", type=int, default=2, help="CPUs of the local Ray instance")
     p.add_argument("--shard-workers", type=int, help="shard worker actors (default: the job's sizing)")
     p.add_argument("--cpus-per-shard-worker", type=float, default=1.0)
+    p.add_argument("--decode", default="worker", choices=("worker", "teacher"),
+                   help="where the job decodes images (the teacher alone always gets decoded images)")
     p.add_argument("--score-floor", type=float, default=0.05)
     p.add_argument("--score-threshold", type=float, default=0.1)
     p.add_argument("--workdir", help="keeps the worlds between runs (default: a temporary folder)")
@@ -109,7 +111,7 @@ def whole_job(world_dir: Path, out: Path, args) -> dict:
     config = LabelJobConfig(images=str(world_dir / "images"), regions=str(world_dir / "regions"),
                             out=str(out), gt=str(world_dir / "gt"), teacher=args.teacher,
                             num_cpus=args.num_cpus, shard_workers=args.shard_workers,
-                            cpus_per_shard_worker=args.cpus_per_shard_worker,
+                            cpus_per_shard_worker=args.cpus_per_shard_worker, decode=args.decode,
                             batch_size=args.batch_size, score_floor=args.score_floor,
                             score_threshold=args.score_threshold)
     summary = run_label_job(config)
@@ -160,7 +162,7 @@ def main(argv=None) -> int:
         "job_10n_samples_per_s": job_10n["samples_per_s"],
         "precision": job_10n.get("precision"), "recall": job_10n.get("recall"),
         "cpus": args.num_cpus, "batch_size": args.batch_size, "workdir": str(root),
-        "teachers": job_n["teachers"], "shard_workers": job_n["shard_workers"],
+        "teachers": job_n["teachers"], "shard_workers": job_n["shard_workers"], "decode": args.decode,
     }
     if args.json:
         print(json.dumps(result, sort_keys=True))
