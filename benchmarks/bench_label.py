@@ -162,7 +162,7 @@ def main(argv=None) -> int:
         "job_10n_samples_per_s": job_10n["samples_per_s"],
         "precision": job_10n.get("precision"), "recall": job_10n.get("recall"),
         "cpus": args.num_cpus, "batch_size": args.batch_size, "workdir": str(root),
-        "teachers": job_n["teachers"], "shard_workers": job_n["shard_workers"], "decode": args.decode,
+        "teachers": job_n["teachers"], "shard_workers_10n": job_10n["shard_workers"], "decode": args.decode,
     }
     if args.json:
         print(json.dumps(result, sort_keys=True))
