@@ -155,6 +155,7 @@ def main(argv=None) -> int:
         "teacher_busy_fraction_10n": job_10n["teacher_busy_fraction"],
         "peak_rss_mb_n": peak(job_n), "peak_rss_mb_10n": peak(job_10n),
         "peak_rss_ratio_10n_to_n": peak(job_10n) / peak(job_n),
+        "peak_rss_mb_by_actor_n": job_n["peak_rss_mb"], "peak_rss_mb_by_actor_10n": job_10n["peak_rss_mb"],
         "teacher_heap_trims_n": job_n.get("teacher_heap_trims"),
         "teacher_heap_trims_10n": job_10n.get("teacher_heap_trims"),
         "label_bytes_per_sample_on_disk": job_10n["label_bytes_per_sample"],
