@@ -15,7 +15,9 @@ The last --val-samples images of --world are held out for the periodic recall pr
 (--out): a teacher directory (model.safetensors, config.json, tokenizer/, teacher.json) usable as
 --teacher OUT, plus train_log.jsonl and train_state/checkpoint.pt. Rerun the same command to resume.
 The defaults are the bundled teacher's recipe: about 1 h 40 min with --threads 2 on an idle 2-core machine.
-Use --threads 1 on a shared machine: oversubscribed torch threads run several times slower.
+--nproc 2 (two processes of one thread, each computing half of every batch) with --backbone-frozen-stages 1
+trains a teacher of the same held-out recall in about an hour there. Give each process only the cores it
+owns (--threads x --nproc <= cores): oversubscribed torch threads run several times slower.
 """
 
 EVAL_DESCRIPTION = """\

@@ -69,8 +69,9 @@ def test_tiny_beats_chance_by_a_wide_margin(tiny, world):
     result = evaluate_teacher(tiny, iter_world(world), show_progress=False)
     chance = evaluate_teacher(ShuffledRanking(tiny, seed=0), iter_world(world), show_progress=False)
     assert result["images"] > 0.9 * IMAGES and result["visible_phrases"] > 300
-    # The bars sit ~0.1 under what the bundled teacher measures here (recall@1 0.75, chance 0.41, boxes
-    # above threshold 0.75); issue 3's target (recall@1 >= 0.8) is measured by `sga teacher eval`.
+    # The bars sit well under what the bundled teacher measures here (recall@1 0.81, chance 0.43, boxes
+    # above threshold 0.76); issue 3's target (recall@1 >= 0.8) is measured by `sga teacher eval` on 2,000
+    # images.
     assert result["recall_at_1"] >= 0.6, result
     assert result["recall_at_1"] >= chance["recall_at_1"] + 0.25, (result, chance)
     assert result["recall_at_5"] >= result["recall_at_1"]
