@@ -4,8 +4,9 @@ A training step of the tiny teacher is many small operations, which two threads 
 (a 32-image step: 1.12 s on one thread, 0.80 s on two). Two processes of one thread each, each computing
 half of the batch, use the cores better. Every rank holds the whole model and computes a contiguous share
 of each step's global batch; gradients are averaged over the ranks (gloo) before clipping, and the loss
-normaliser is the global box count, so every rank takes the same optimizer step and the run is a
-one-process run up to the order of floating-point sums.
+normaliser is the global box count, so every rank takes the same optimizer step. The run differs from a
+one-process run in the order of floating-point sums and in batch norm, whose statistics each rank takes over
+its own share (CPU has no SyncBatchNorm); rank 0's running statistics are the ones saved.
 
 No ``DistributedDataParallel`` wrapper: one flat all-reduce per step costs little next to a step on CPU, the
 held-out evaluation and the checkpoints use the plain module, and parameters a loss setting leaves without a

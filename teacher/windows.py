@@ -1,8 +1,8 @@
 """Captions longer than a text encoder's window, split into windows of whole phrases.
 
-A grounding model reads at most ``max_tokens`` tokens of a caption (the tiny teacher 63, MDETR's RoBERTa
-254); truncated, every phrase past the cut gets no box. Dense captions that list many objects are that long
-(about one caption in twenty of the synthetic world, holding one visible phrase in seven). A window is a
+A grounding model reads at most ``max_tokens`` tokens of a caption (the tiny teacher 63, MDETR 255);
+truncated, every phrase past the cut gets no box. Dense captions that list dozens of objects are that long:
+8 of the 1,960 captions of a fresh synthetic world, holding one visible phrase in seven. A window is a
 substring of the caption that holds whole phrases and the words between them, and fits the encoder; the
 teacher grounds each window as a caption of its own, with the same image, and every phrase takes its answer
 from the window that holds it. A caption that fits is one window, so short captions are grounded exactly as
