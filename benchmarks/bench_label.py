@@ -153,6 +153,10 @@ def main(argv=None) -> int:
         "ground_truth_scoring_ms_per_sample_10n": job_10n["scoring_ms_per_sample"],
         "teacher_busy_fraction": job_n["teacher_busy_fraction"],
         "teacher_busy_fraction_10n": job_10n["teacher_busy_fraction"],
+        # The ratio's two factors: idle teacher (busy fraction) and a slower teacher (per-sample time in the
+        # job's actor against alone; the machine's speed drifts between runs, which moves this one).
+        "teacher_ms_per_grounded_sample_alone_10n": 1000 * alone_10n["seconds"] / alone_10n["grounded"],
+        "teacher_ms_per_grounded_sample_job_10n": 1000 * job_10n["teacher_busy_s"] / job_10n["grounded"],
         "peak_rss_mb_n": peak(job_n), "peak_rss_mb_10n": peak(job_10n),
         "peak_rss_ratio_10n_to_n": peak(job_10n) / peak(job_n),
         "peak_rss_mb_by_actor_n": job_n["peak_rss_mb"], "peak_rss_mb_by_actor_10n": job_10n["peak_rss_mb"],

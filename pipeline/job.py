@@ -143,6 +143,7 @@ def run_shards(plan: JobPlan, config: LabelJobConfig, actors: LabelActors) -> di
         "seconds": wall, "samples_per_s": samples / wall if wall > 0 else None,
         "teachers": len(teachers), "shard_workers": len(workers),
         "teacher_busy_fraction": busy / (wall * len(teachers)) if wall > 0 else None,
+        "teacher_busy_s": busy,
         "prep_ms_per_sample": 1000 * sum(s["prep_cpu_s"] for s in done_stats) / max(samples, 1),
         # Part of prep: scoring M against a synthetic world's hidden truth (--gt), which real data lacks.
         "scoring_ms_per_sample": 1000 * sum(s["scoring_cpu_s"] for s in done_stats) / max(samples, 1),
@@ -167,7 +168,7 @@ def summarise(plan: JobPlan, run: dict[str, Any], start: float) -> dict[str, Any
         "teacher": plan.teacher_name, "teacher_fingerprint": plan.task.info.teacher_fingerprint,
         "shards": len(plan.shards), "shards_done": totals["shards_done"],
         "shards_skipped": len(plan.shards) - len(plan.pending),
-        **{k: totals[k] for k in ("samples", "ok", "errors", "phrases", "positives")},
+        **{k: totals[k] for k in ("samples", "ok", "errors", "grounded", "phrases", "positives")},
         "error_stages": totals["error_stages"],
         "label_bytes_per_sample": totals["label_bytes"] / max(totals["ok"], 1),
         **{k: totals[k] for k in ("precision", "recall") if k in totals},
