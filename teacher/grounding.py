@@ -157,7 +157,7 @@ class MDETRTeacher:
         for b, sample in enumerate(batch):
             _check_spans(sample)
             for w in self._windows(sample):
-                spans = [(sample.spans[i][0] - w.start, sample.spans[i][1] - w.start) for i in w.phrases]
+                spans = [w.local(sample.spans[i]) for i in w.phrases]
                 parts.append(GroundingInput(sample.image, sample.caption[w.start: w.end], spans))
                 owners.append((b, w.phrases))
         answers: list[list[PhraseBoxes]] = []

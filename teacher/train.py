@@ -32,7 +32,7 @@ from shards.progress import progress
 
 from .criterion import CriterionConfig, SetCriterion
 from .evaluate import evaluate_teacher
-from .grounding import TOKENIZER_DIR, InferenceConfig, MDETRTeacher, write_teacher_json
+from .grounding import LONG_CAPTIONS, TOKENIZER_DIR, InferenceConfig, MDETRTeacher, write_teacher_json
 from .matcher import HungarianMatcher
 from .mdetr import build_mdetr
 from .mdetr.checkpoint import save_mdetr
@@ -100,7 +100,7 @@ def _check(config: TrainConfig, num_images: int, ranks: Ranks) -> int:
     if config.init and config.backbone_pretrain_steps:
         raise SgaError("--init starts from a trained teacher's weights, backbone included; drop "
                        "--backbone-pretrain-steps (or --init)")
-    if config.long_captions not in ("truncate", "windows"):
+    if config.long_captions not in LONG_CAPTIONS:
         raise SgaError(f"--long-captions {config.long_captions!r}: choose truncate or windows")
     if not 0 <= config.backbone_frozen_stages <= len(config.backbone_widths):
         raise SgaError(f"--backbone-frozen-stages {config.backbone_frozen_stages}: the CNN has "

@@ -20,7 +20,7 @@ import torch
 
 from .positive_map import token_span
 from .preprocess import PreprocessConfig, normalize, pad_batch, resize_image
-from .windows import caption_windows
+from .windows import Window, caption_windows
 from .worlddata import GroundedSample
 
 
@@ -41,21 +41,24 @@ def make_examples(sample: GroundedSample, tokenizer, preprocess: PreprocessConfi
     tokens (each window's phrases re-based to it; the resized image is shared, not copied)."""
     image = resize_image(sample.image, preprocess)
     if not windows:
-        return [make_example(sample, tokenizer, preprocess, max_text_len, image)]
+        return [_example(sample, image, tokenizer, max_text_len)]
     spans = [(p.start, p.end) for p in sample.phrases]
     parts = caption_windows(sample.caption, spans, lambda text: len(tokenizer(text)["input_ids"]),
                             max_text_len)
-    return [make_example(GroundedSample(sample.key, sample.image, sample.caption[w.start: w.end],
-                                        [dataclasses.replace(sample.phrases[i], start=spans[i][0] - w.start,
-                                                             end=spans[i][1] - w.start) for i in w.phrases]),
-                         tokenizer, preprocess, max_text_len, image)
-            for w in parts]
+
+    def in_window(w: Window) -> GroundedSample:
+        phrases = []
+        for i in w.phrases:
+            start, end = w.local(spans[i])
+            phrases.append(dataclasses.replace(sample.phrases[i], start=start, end=end))
+        return GroundedSample(sample.key, sample.image, sample.caption[w.start: w.end], phrases)
+
+    return [_example(in_window(w), image, tokenizer, max_text_len) for w in parts]
 
 
-def make_example(sample: GroundedSample, tokenizer, preprocess: PreprocessConfig, max_text_len: int,
-                 image: np.ndarray | None = None) -> Example:
-    """Prepare one sample (module docstring); ``image`` is the already resized image, if at hand. Boxes
-    whose phrases were all truncated away are dropped."""
+def _example(sample: GroundedSample, image: np.ndarray, tokenizer, max_text_len: int) -> Example:
+    """One example of ``sample`` (module docstring) with its already resized ``image``. Boxes whose phrases
+    were all truncated away are dropped."""
     tokenized = tokenizer(sample.caption, truncation=True, max_length=max_text_len)
     num_tokens = len(tokenized["input_ids"])
     height, width = sample.image.shape[:2]
@@ -71,7 +74,6 @@ def make_example(sample: GroundedSample, tokenizer, preprocess: PreprocessConfig
     xyxy = np.clip(np.asarray(list(by_box), dtype=np.float32).reshape(-1, 4) / scale, 0.0, 1.0)
     cxcywh = np.concatenate([(xyxy[:, :2] + xyxy[:, 2:]) / 2, xyxy[:, 2:] - xyxy[:, :2]], axis=1)
     tokens = np.stack(list(by_box.values())) if by_box else np.zeros((0, num_tokens), dtype=bool)
-    image = resize_image(sample.image, preprocess) if image is None else image
     return Example(image, np.asarray(tokenized["input_ids"], dtype=np.int64), cxcywh.astype(np.float32),
                    tokens)
 

@@ -25,6 +25,10 @@ class Window:
     end: int
     phrases: tuple[int, ...]
 
+    def local(self, span: Span) -> Span:
+        """A caption span as a span of this window's text."""
+        return span[0] - self.start, span[1] - self.start
+
 
 def caption_windows(caption: str, spans: Sequence[Span], count_tokens: Callable[[str], int],
                     max_tokens: int) -> list[Window]:
