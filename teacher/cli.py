@@ -117,9 +117,9 @@ def register(subparsers) -> None:
                         "(default 600; 0 with --init)")
     p.add_argument("--backbone-lr-ratio", type=float,
                    help="the CNN's learning rate relative to --lr (default 0.1)")
-    p.add_argument("--long-captions", choices=("truncate", "windows"),
+    p.add_argument("--long-captions", choices=("truncate", "clauses"),
                    help="training captions longer than the text encoder: truncated (default), or one "
-                        "example per window of whole phrases, as the teacher grounds them")
+                        "example per clause (window of whole phrases), as the teacher grounds them")
     p.add_argument("--backbone-frozen-stages", type=int,
                    help="CNN stages (from the input) left as pretrained, not trained (default 0)")
     p.add_argument("--init", help="start from this teacher directory's weights and tokenizer (a second "
@@ -139,9 +139,10 @@ def register(subparsers) -> None:
     p.add_argument("--iou-threshold", type=float, default=0.5, help="IoU for a hit (default 0.5)")
     p.add_argument("--batch-size", type=int, default=16, help="images per teacher call (default 16)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
-    p.add_argument("--long-captions", choices=("windows", "truncate"),
-                   help="captions longer than the text encoder: grounded in windows of whole phrases "
-                        "(default) or truncated, phrases past the cut getting no box (MDETR's behaviour)")
+    p.add_argument("--long-captions", choices=("clauses", "truncate"),
+                   help="captions longer than the text encoder: grounded clause by clause, in windows of "
+                        "whole phrases (default), or truncated, phrases past the cut getting no box "
+                        "(MDETR's behaviour)")
 
     p = add_command(group, "convert", _run_convert, help="released MDETR .pth -> teacher directory",
                     description=CONVERT_DESCRIPTION)

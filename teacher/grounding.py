@@ -9,10 +9,10 @@ scoring below ``score_floor`` are dropped (this only removes boxes ranked after 
 k-th box clears the floor; with ``score_floor=0`` it is exactly MDETR's.
 
 Boxes are MDETR's sigmoid (cx, cy, w, h), normalised to the un-padded input, scaled to the original image's
-pixels as xyxy and clipped to the image. A caption longer than the model's text positions is grounded in
-windows of whole phrases (:mod:`teacher.windows`), each a caption of its own with the same image; with
-``long_captions="truncate"`` it is cut instead, and phrases past the cut get no boxes (MDETR's behaviour:
-its Flickr30k captions all fit).
+pixels as xyxy and clipped to the image. A caption longer than the model's text positions is grounded
+clause by clause (``long_captions="clauses"``, :mod:`teacher.windows`), each window of whole phrases a
+caption of its own with the same image; with ``long_captions="truncate"`` it is cut instead, and phrases past
+the cut get no boxes (MDETR's behaviour: its Flickr30k captions all fit).
 
 A teacher directory holds ``config.json`` + ``model.safetensors`` (:mod:`teacher.mdetr.checkpoint`),
 ``tokenizer/`` (a fast tokenizer) and ``teacher.json`` (``{"format", "kind", "preprocess", "info"}``).
@@ -44,7 +44,7 @@ TEACHER_FILE = "teacher.json"
 TOKENIZER_DIR = "tokenizer"
 TEACHER_FORMAT = "sga-teacher"
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-LONG_CAPTIONS = ("windows", "truncate")
+LONG_CAPTIONS = ("clauses", "truncate")
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,7 @@ class InferenceConfig:
     score_floor: float = 0.05
     top_k: int = 10
     precision: str = "fp32"
-    long_captions: str = "windows"
+    long_captions: str = "clauses"
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -132,7 +132,7 @@ class MDETRTeacher:
     @classmethod
     def from_dir(cls, path: str | Path, name: str | None = None, device: str = "cpu",
                  score_floor: float = 0.05, top_k: int = 10, precision: str = "auto",
-                 max_batch: int = 16, long_captions: str = "windows") -> MDETRTeacher:
+                 max_batch: int = 16, long_captions: str = "clauses") -> MDETRTeacher:
         """Load a teacher directory (see the module docstring)."""
         path = Path(path)
         info_path = path / TEACHER_FILE

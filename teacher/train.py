@@ -101,7 +101,7 @@ def _check(config: TrainConfig, num_images: int, ranks: Ranks) -> int:
         raise SgaError("--init starts from a trained teacher's weights, backbone included; drop "
                        "--backbone-pretrain-steps (or --init)")
     if config.long_captions not in LONG_CAPTIONS:
-        raise SgaError(f"--long-captions {config.long_captions!r}: choose truncate or windows")
+        raise SgaError(f"--long-captions {config.long_captions!r}: choose truncate or clauses")
     if not 0 <= config.backbone_frozen_stages <= len(config.backbone_widths):
         raise SgaError(f"--backbone-frozen-stages {config.backbone_frozen_stages}: the CNN has "
                        f"{len(config.backbone_widths)} stages")
@@ -128,7 +128,7 @@ def _examples(config: TrainConfig, tokenizer, preprocess: PreprocessConfig, max_
     """``(training examples, held-out samples)``: every rank prepares the whole training split (batches index
     it globally); only rank 0, which evaluates, keeps the held-out images."""
     examples, val_samples = [], []
-    windows = config.long_captions == "windows"
+    windows = config.long_captions == "clauses"
     for i, sample in enumerate(progress(iter_world(config.world), total=total, desc="prepare", unit="img",
                                         **({} if show_progress else {"disable": True}))):
         if i < num_train:

@@ -49,7 +49,7 @@ class TrainConfig:
     contrastive_align: bool = True
     contrastive_weight: float = 1.0   # weight of the contrastive alignment loss (MDETR: 1)
     # Training captions longer than the text encoder: "truncate" (phrases past the cut are not learnt) or
-    # "windows", one example per window of whole phrases, as the teacher grounds such captions.
+    # "clauses", one example per clause (window of whole phrases), as the teacher grounds such captions.
     long_captions: str = "truncate"
     # The CNN is pretrained first (teacher.backbone_pretrain) and then trained at a tenth of ``lr``: from
     # scratch the CNN carried no colour at object cells and recall@1 plateaued at 0.57 (issue 3).

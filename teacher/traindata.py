@@ -2,11 +2,11 @@
 
 Every sample is prepared once (decode, resize to the teacher's input size, tokenise) and kept in memory; a
 batch is then only normalisation, padding and stacking. A caption longer than the text encoder is truncated,
-or split into windows of whole phrases (:mod:`teacher.windows`, as the teacher grounds it), one example each
-sharing the image. Targets follow MDETR: one target per distinct true box, whose positive map covers the
-tokens of *every* phrase that names that box (so "the red circle" and "two circles" share the red circle's
-target), normalised to sum to 1. Phrases naming nothing get no target: the model learns to leave their tokens
-unpointed.
+or split into clauses, windows of whole phrases (:mod:`teacher.windows`, as the teacher grounds it), one
+example each sharing the image. Targets follow MDETR: one target per distinct true box, whose positive map
+covers the tokens of *every* phrase that names that box (so "the red circle" and "two circles" share the red
+circle's target), normalised to sum to 1. Phrases naming nothing get no target: the model learns to leave
+their tokens unpointed.
 """
 
 from __future__ import annotations

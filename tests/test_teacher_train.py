@@ -223,7 +223,7 @@ def test_frozen_cnn_stages_keep_their_pretrained_weights(world, tmp_path):
     from teacher.worlddata import world_captions
 
     out = tmp_path / "frozen"
-    config = _config(world, out, backbone_frozen_stages=1, long_captions="windows")
+    config = _config(world, out, backbone_frozen_stages=1, long_captions="clauses")
     summary = train(config, show_progress=False)
     assert summary["train_examples"] >= summary["train_images"] == len(world_captions(world)) - 8
     pretrained = safetensors.torch.load_file(str(out / "train_state" / "backbone.safetensors"))
@@ -235,7 +235,7 @@ def test_frozen_cnn_stages_keep_their_pretrained_weights(world, tmp_path):
         assert same == key.startswith("stages.0."), key
     with pytest.raises(SgaError, match="has 2 stages"):
         train(_config(world, tmp_path / "bad", backbone_frozen_stages=3), show_progress=False)
-    with pytest.raises(SgaError, match="choose truncate or windows"):
+    with pytest.raises(SgaError, match="choose truncate or clauses"):
         train(_config(world, tmp_path / "bad", long_captions="wrap"), show_progress=False)
 
 

@@ -59,3 +59,32 @@ def test_spans_out_of_order_and_nested_are_each_placed_once():
     windows = caption_windows(caption, spans, _words, max_tokens=9)
     assert sorted(i for w in windows for i in w.phrases) == [0, 1, 2, 3]
     assert next(w for w in windows if 2 in w.phrases) == next(w for w in windows if 1 in w.phrases)
+
+
+def test_a_long_caption_is_cut_into_clauses_each_a_window():
+    clauses = ["a red circle above a blue square", "our team shows the green star",
+               "a tiny pink heart next to the black arrow; the grey hexagon"]
+    caption = ", ".join(clauses) + "."
+    phrases = ["a red circle", "a blue square", "our team", "the green star", "a tiny pink heart",
+               "the black arrow", "the grey hexagon"]
+    spans = _spans(caption, phrases)
+    windows = caption_windows(caption, spans, _words, max_tokens=12)     # the caption: 29 words
+    assert [caption[w.start: w.end] for w in windows] == [
+        "a red circle above a blue square", "our team shows the green star",
+        "a tiny pink heart next to the black arrow", "the grey hexagon"]
+    assert [w.phrases for w in windows] == [(0, 1), (2, 3), (4, 5), (6,)]
+    # The same caption fits a larger encoder and is read whole.
+    whole = caption_windows(caption, spans, _words, max_tokens=40)
+    assert whole == [Window(0, len(caption), tuple(range(7)))]
+
+
+def test_a_clause_too_long_for_the_encoder_is_split_inside():
+    first = " and ".join(f"the {c} circle" for c in ("red", "blue", "green", "pink"))
+    caption = f"the teacher drew {first}, then a star"
+    phrases = ["the teacher"] + [f"the {c} circle" for c in ("red", "blue", "green", "pink")] + ["a star"]
+    spans = _spans(caption, phrases)
+    windows = caption_windows(caption, spans, _words, max_tokens=9)
+    assert windows[0].start == 0 and windows[-1].phrases == (5,)
+    assert caption[windows[-1].start: windows[-1].end] == "then a star"             # from the clause's start
+    assert sorted(i for w in windows[:-1] for i in w.phrases) == [0, 1, 2, 3, 4]
+    assert len(windows) > 2 and all(_words(caption[w.start: w.end]) <= 9 for w in windows[1:-1])
