@@ -5,7 +5,10 @@ Same samples, same teacher, same thread count for the teacher (one CPU by defaul
 1. the teacher alone on pre-decoded batches (images decoded and phrases extracted beforehand), in this
    process: the ceiling for the job's throughput;
 2. the whole job on a local Ray instance (a teacher actor plus a shard worker that reads, decodes, parses,
-   matches and writes), on N samples and on ``--scale`` x N samples.
+   matches and writes), on N samples and on ``--scale`` x N samples;
+3. at scale x N, the teacher alone again while the job's shard work loops in a second process, its teacher
+   answers replayed at the teacher's pace: how much sharing the machine with that work slows the teacher,
+   apart from how well the job keeps it fed.
 
 Printed: samples/s of both and their ratio (target >= 0.9) at N and at scale x N samples (a one-shard job
 pays its start and end, when the teacher waits for the first batch and the last files, on few samples), the
@@ -19,6 +22,7 @@ without tar headers), and the teacher's busy fraction.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import resource
@@ -57,8 +61,14 @@ def world(root: Path, samples: int, per_shard: int) -> Path:
     return out
 
 
-def teacher_alone(world_dir: Path, args) -> dict:
-    """Teacher ``ground`` over every sample with phrases, decoded and parsed beforehand (1 thread)."""
+def teacher_alone(world_dir: Path, args, beside: tuple[dict, float] | None = None) -> tuple[dict, dict]:
+    """Teacher ``ground`` over every sample with phrases, decoded and parsed beforehand (1 thread).
+
+    With ``beside`` (an earlier pass's answers and grounded samples/s, see :class:`_ShardWorkProcess`), the
+    job's shard work on the same world loops in a second process meanwhile, at that pace, so the teacher
+    shares the machine as in the job.
+    Returns the timing and this pass's answers, keyed by :func:`_answer_key`.
+    """
     import torch
 
     from pipeline.phrases import PhraseExtractor
@@ -84,11 +94,97 @@ def teacher_alone(world_dir: Path, args) -> dict:
     spans = extractor.extract([c for _, c in decoded])
     batch = [GroundingInput(img, c, sp) for (img, c), sp in zip(decoded, spans) if sp]
     teacher.ground(batch[: args.batch_size])      # warm-up, as the job's actors are warm
-    start = time.perf_counter()
-    for i in range(0, len(batch), args.batch_size):
-        teacher.ground(batch[i: i + args.batch_size])
-    seconds = time.perf_counter() - start
-    return {"samples": total, "grounded": len(batch), "seconds": seconds, "samples_per_s": total / seconds}
+    worker = _ShardWorkProcess(world_dir, args, *beside) if beside is not None else None
+    answers = {}
+    try:
+        start = time.perf_counter()
+        for i in range(0, len(batch), args.batch_size):
+            chunk = batch[i: i + args.batch_size]
+            for x, found in zip(chunk, teacher.ground(chunk)):
+                answers[_answer_key(x.caption, x.spans)] = [(pb.boxes, pb.scores) for pb in found]
+        seconds = time.perf_counter() - start
+    finally:
+        shard_samples = worker.stop() if worker is not None else None
+    result = {"samples": total, "grounded": len(batch), "seconds": seconds, "samples_per_s": total / seconds}
+    if shard_samples is not None:
+        result["shard_work_samples_per_s"] = shard_samples / seconds
+    return result, answers
+
+
+def _answer_key(caption: str, spans) -> tuple:
+    return caption, tuple(tuple(span) for span in spans)
+
+
+class _ReplayClient:
+    """A teacher client answering from a finished pass's answers, no faster than ``per_s`` samples a second
+    (the teacher's pace, which the job's shard work waits for), so only the shard work costs CPU."""
+
+    local_cpu_s = 0.0
+
+    def __init__(self, answers: dict, per_s: float):
+        self.answers, self.per_s = answers, per_s
+        self.due = time.perf_counter()
+
+    def submit(self, batch: list):
+        return batch
+
+    def collect(self, batch: list) -> list:
+        self.due = max(self.due, time.perf_counter()) + len(batch) / self.per_s
+        time.sleep(max(0.0, self.due - time.perf_counter()))
+        return [self.answers[_answer_key(caption, spans)] for _, caption, spans in batch]
+
+
+class _ShardWorkProcess:
+    """The job's shard work (read, decode, parse, match, write; the teacher's answers replayed at its pace)
+    looping over a world's shards in a forked process until stopped; it counts only after one warm shard."""
+
+    def __init__(self, world_dir: Path, args, answers: dict, per_s: float):
+        import multiprocessing
+
+        context = multiprocessing.get_context("fork")    # the child inherits the answers, nothing is pickled
+        self.ready, self.done = context.Event(), context.Event()
+        self.samples = context.Value("q", 0)
+        self.process = context.Process(target=self._loop, args=(world_dir, args, answers, per_s),
+                                       daemon=True)
+        self.process.start()
+        while not self.ready.wait(1.0):
+            if not self.process.is_alive():
+                raise RuntimeError(f"the shard work process exited with {self.process.exitcode}")
+
+    def _loop(self, world_dir: Path, args, answers: dict, per_s: float) -> None:
+        import shutil
+
+        from pipeline.labeler import ShardTask, label_shard
+        from pipeline.phrases import PhraseExtractor
+        from shards.images import list_shards
+        from shards.labels import LabelSetInfo
+
+        extractor = PhraseExtractor()
+        info = LabelSetInfo("replay", "replay", extractor.extractor_id, args.score_floor,
+                            args.score_threshold)
+        out = Path(tempfile.mkdtemp(prefix="bench-shard-work-"))
+        task = ShardTask(str(world_dir / "images"), str(world_dir / "regions"), str(out), info,
+                         gt_uri=str(world_dir / "gt"), batch_size=args.batch_size, decode=args.decode)
+        client, shards = _ReplayClient(answers, per_s), list_shards(str(world_dir / "images"))
+        try:
+            for n, shard in enumerate(itertools.cycle(shards)):
+                samples = label_shard(task, shard, extractor, client)["samples"]
+                if n:
+                    self.samples.value += samples
+                self.ready.set()
+                for path in out.iterdir():     # the phrase cache too: every pass parses its captions
+                    shutil.rmtree(path)
+                if self.done.is_set():
+                    return
+        finally:
+            shutil.rmtree(out, ignore_errors=True)
+
+    def stop(self) -> int:
+        """Stops the loop (after its current shard) and returns the samples it labelled while timed."""
+        samples = self.samples.value
+        self.done.set()
+        self.process.join()
+        return samples
 
 
 def label_payload_bytes(labelset: str) -> tuple[int, int]:
@@ -131,11 +227,14 @@ def main(argv=None) -> int:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     # The teacher alone is timed before and after the jobs and the faster run kept: on a shared machine
     # this errs towards a lower (more conservative) job-to-teacher ratio.
-    alone, alone_10n = teacher_alone(small, args), teacher_alone(large, args)
+    alone, _ = teacher_alone(small, args)
+    alone_10n, answers = teacher_alone(large, args)
+    # Before any job: the shard work is forked from this process, which must not hold a Ray driver yet.
+    beside_10n, _ = teacher_alone(large, args, beside=(answers, alone_10n["grounded"] / alone_10n["seconds"]))
     job_n = whole_job(small, root / f"labels-{stamp}-n", args)
     job_10n = whole_job(large, root / f"labels-{stamp}-10n", args)
-    alone = max(alone, teacher_alone(small, args), key=lambda r: r["samples_per_s"])
-    alone_10n = max(alone_10n, teacher_alone(large, args), key=lambda r: r["samples_per_s"])
+    alone = max(alone, teacher_alone(small, args)[0], key=lambda r: r["samples_per_s"])
+    alone_10n = max(alone_10n, teacher_alone(large, args)[0], key=lambda r: r["samples_per_s"])
 
     def peak(job):
         return job["peak_rss_mb"]["actors"]
@@ -157,6 +256,11 @@ def main(argv=None) -> int:
         # job's actor against alone; the machine's speed drifts between runs, which moves this one).
         "teacher_ms_per_grounded_sample_alone_10n": 1000 * alone_10n["seconds"] / alone_10n["grounded"],
         "teacher_ms_per_grounded_sample_job_10n": 1000 * job_10n["teacher_busy_s"] / job_10n["grounded"],
+        # What sharing two cores costs the teacher: alone, but with the job's shard work looping beside it.
+        "teacher_ms_per_grounded_sample_beside_shard_work_10n":
+            1000 * beside_10n["seconds"] / beside_10n["grounded"],
+        "ratio_job_to_teacher_beside_shard_work_10n": job_10n["samples_per_s"] / beside_10n["samples_per_s"],
+        "shard_work_samples_per_s_beside_teacher_10n": beside_10n["shard_work_samples_per_s"],
         "peak_rss_mb_n": peak(job_n), "peak_rss_mb_10n": peak(job_10n),
         "peak_rss_ratio_10n_to_n": peak(job_10n) / peak(job_n),
         "peak_rss_mb_by_actor_n": job_n["peak_rss_mb"], "peak_rss_mb_by_actor_10n": job_10n["peak_rss_mb"],
