@@ -24,9 +24,8 @@ from shards.progress import progress
 from . import teacher_id
 from .labelsets import marker_totals
 from .plan import JobPlan, LabelJobConfig, check_job, clean_partial, plan_job
-from .worker import LabelActors, TeacherSpec, await_teachers, await_workers, launch
+from .worker import SHARDS_IN_FLIGHT, LabelActors, TeacherSpec, await_teachers, await_workers, launch
 
-QUEUED_PER_WORKER = 2
 POLL_S = 0.5
 
 
@@ -114,7 +113,7 @@ def run_shards(plan: JobPlan, config: LabelJobConfig, actors: LabelActors) -> di
     try:
         while queue or inflight:
             for i in range(len(workers)):
-                while queue and load[i] < QUEUED_PER_WORKER:
+                while queue and load[i] < SHARDS_IN_FLIGHT:
                     shard = queue.popleft()
                     inflight[workers[i].label.remote(plan.task, shard)] = (shard, i)
                     load[i] += 1

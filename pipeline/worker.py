@@ -4,7 +4,9 @@
   ``ground(batch)`` calls; it counts the seconds it spends inside the teacher so the driver can report how
   busy the teachers were.
 - :class:`ShardActor` holds the spaCy pipeline and runs :func:`pipeline.labeler.label_shard` for one shard
-  per call, sending its batches round-robin to the teacher actors, at most ``max_inflight`` at a time.
+  per call, sending its batches round-robin to the teacher actors, at most ``max_inflight`` at a time. It
+  runs ``SHARDS_IN_FLIGHT`` calls in threads, one reading and submitting at a time (``prep_lock``), so the
+  next shard feeds the teachers while the last one drains and writes its files.
 - :class:`ProgressActor` counts finished samples for the driver's progress bar.
 
 Both kinds of actors restart when their process or node dies (``max_restarts=-1``); a call in flight is
@@ -21,6 +23,7 @@ import ctypes.util
 import itertools
 import os
 import resource
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +36,7 @@ from .labeler import ShardTask, ground_plain, label_shard
 from .phrases import PhraseConfig, PhraseExtractor
 
 MAX_TASK_RETRIES = 3
+SHARDS_IN_FLIGHT = 2   # shard calls a shard worker runs at once (threads; see label_shard's prep_lock)
 TRIM_SLACK = 0.1   # trim once the resident set exceeds its first batches' by this much (HeapTrimmer)
 
 
@@ -162,7 +166,8 @@ class RayTeacherClient:
 
 
 class ShardActor:
-    """Labels one shard per call; holds the spaCy pipeline so it loads once."""
+    """Labels one shard per call, ``SHARDS_IN_FLIGHT`` calls at once in threads that take turns reading and
+    submitting (``prep_lock``); holds the spaCy pipeline so it loads once."""
 
     def __init__(self, phrase_config: PhraseConfig, teacher_names: list[str], num_cpus: float, index: int,
                  progress_name: str | None = None):
@@ -177,6 +182,8 @@ class ShardActor:
         # Pay one-off costs (spaCy's first batch, lazy imports) now, not inside the first shard's timing.
         self.extractor.extract(["a warm-up caption with a noun phrase"])
         import PIL.Image  # noqa: F401
+        self.prep_lock = threading.Lock()
+        self.stats_lock = threading.Lock()
         self.shards = 0
         self.cpu_s = 0.0
 
@@ -188,9 +195,11 @@ class ShardActor:
             if self.progress is not None and n:
                 self.progress.add.remote(n)
 
-        stats = label_shard(task, shard, self.extractor, self.client, on_progress=report)
-        self.shards += 1
-        self.cpu_s += stats["prep_cpu_s"]
+        stats = label_shard(task, shard, self.extractor, self.client, on_progress=report,
+                            prep_lock=self.prep_lock)
+        with self.stats_lock:
+            self.shards += 1
+            self.cpu_s += stats["prep_cpu_s"]
         return stats
 
     def stats(self) -> dict[str, Any]:
@@ -240,7 +249,8 @@ def launch(spec: TeacherSpec, phrase_config: PhraseConfig, teachers: int, teache
     counter = ray.remote(ProgressActor).options(name=progress_name, num_cpus=0, max_restarts=-1,
                                                 max_task_retries=-1).remote()
     worker_cls = ray.remote(ShardActor).options(num_cpus=worker_cpus, max_restarts=-1,
-                                                max_task_retries=MAX_TASK_RETRIES)
+                                                max_task_retries=MAX_TASK_RETRIES,
+                                                max_concurrency=SHARDS_IN_FLIGHT)
     worker_handles = [worker_cls.remote(phrase_config, names, worker_cpus, i, progress_name)
                       for i in range(workers)]
     return LabelActors(names, teacher_handles, worker_handles, counter)

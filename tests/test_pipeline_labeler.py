@@ -222,3 +222,69 @@ def test_img2dataset_output_is_read_as_is(tmp_path, teacher, extractor):
     assert "404" in rows_out[2]["reason"] and stats["phrases"] == 3
     assert [p.text for p in next(iter_label_shard(task.labelset_uri, "00000")).phrases] == ["a red square",
                                                                                             "a table"]
+
+
+def test_shards_labelled_in_two_threads_overlap_only_outside_the_prep_lock(tmp_path, teacher, extractor):
+    """A worker's second shard call reads and submits while the first one drains (the teacher answering)
+    and commits; spaCy never runs in two threads at once, and the labels are the serial run's bytes."""
+    import dataclasses
+    import threading
+
+    from pipeline.labeler import LocalTeacherClient, label_shard
+
+    world = make_world(tmp_path / "world", samples=24, per_shard=12)
+    shards = ("00000", "00001")
+    serial = make_task(world / "images", world / "regions", tmp_path / "serial", teacher, extractor,
+                       batch_size=3, max_inflight=2)
+    for shard in shards:
+        label_shard(serial, shard, extractor, LocalTeacherClient(teacher))
+
+    events: list[tuple[str, str]] = []
+    inside, most = [0], [0]
+
+    class Recording(LocalTeacherClient):
+        def submit(self, batch):
+            events.append((threading.current_thread().name, "submit"))
+            return super().submit(batch)
+
+        def collect(self, token):
+            answer = super().collect(token)
+            events.append((threading.current_thread().name, "collect"))
+            return answer
+
+    extract = extractor.extract
+
+    def counted(captions):
+        inside[0] += 1
+        most[0] = max(most[0], inside[0])
+        try:
+            return extract(captions)
+        finally:
+            inside[0] -= 1
+
+    task = dataclasses.replace(serial, labels_root=str(tmp_path / "threads"))     # same info, same bytes
+    lock, client, errors = threading.Lock(), Recording(teacher), []
+
+    def run(shard):
+        try:
+            label_shard(task, shard, extractor, client, prep_lock=lock)
+        except Exception as exc:  # surfaced by the assert below
+            errors.append(exc)
+
+    extractor.extract = counted
+    try:
+        threads = [threading.Thread(target=run, args=(shard,), name=shard) for shard in shards]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        del extractor.extract
+    assert not errors and most[0] == 1
+    first = events[0][0]
+    second = next(name for name, _ in events if name != first)
+    last_collect_of_first = max(i for i, event in enumerate(events) if event == (first, "collect"))
+    assert events.index((second, "submit")) < last_collect_of_first     # the second fed the teacher early
+    for shard in shards:
+        assert fs.read_bytes(fs.join(task.labelset_uri, f"{shard}.tar.gz")) == \
+            fs.read_bytes(fs.join(serial.labelset_uri, f"{shard}.tar.gz"))
