@@ -250,6 +250,9 @@ def main(argv=None) -> int:
         "non_teacher_ms_per_sample_per_core": job_n["prep_ms_per_sample"],
         "non_teacher_ms_per_sample_per_core_10n": job_10n["prep_ms_per_sample"],
         "ground_truth_scoring_ms_per_sample_10n": job_10n["scoring_ms_per_sample"],
+        # What a job on real data (no hidden truth to score against) pays per sample besides the teacher.
+        "non_teacher_ms_per_sample_per_core_10n_without_scoring":
+            job_10n["prep_ms_per_sample"] - job_10n["scoring_ms_per_sample"],
         "teacher_busy_fraction": job_n["teacher_busy_fraction"],
         "teacher_busy_fraction_10n": job_10n["teacher_busy_fraction"],
         # The ratio's two factors: idle teacher (busy fraction) and a slower teacher (per-sample time in the
