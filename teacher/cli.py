@@ -14,10 +14,11 @@ Train a small MDETR phrase-grounding teacher on a synthetic world's hidden groun
 The last --val-samples images of --world are held out for the periodic recall printed to the log. Output
 (--out): a teacher directory (model.safetensors, config.json, tokenizer/, teacher.json) usable as
 --teacher OUT, plus train_log.jsonl and train_state/checkpoint.pt. Rerun the same command to resume.
-The defaults are the bundled teacher's recipe: about 1 h 40 min with --threads 2 on an idle 2-core machine.
---nproc 2 (two processes of one thread, each computing half of every batch) with --backbone-frozen-stages 1
-trains a teacher of the same held-out recall in about an hour there. Give each process only the cores it
-owns (--threads x --nproc <= cores): oversubscribed torch threads run several times slower.
+The defaults are the bundled teacher's recipe, which it was trained with under --nproc 2 (two processes of
+one thread, each computing half of every batch): about an hour on an idle 2-core machine. Batch norm
+normalises per process, so the process count is part of a recipe. One process of two threads (--threads 2)
+runs ~1.5x slower. Give each process only the cores it owns (--threads x --nproc <= cores): oversubscribed
+torch threads run several times slower.
 """
 
 EVAL_DESCRIPTION = """\
@@ -121,7 +122,7 @@ def register(subparsers) -> None:
                    help="training captions longer than the text encoder: truncated (default), or one "
                         "example per clause (window of whole phrases), as the teacher grounds them")
     p.add_argument("--backbone-frozen-stages", type=int,
-                   help="CNN stages (from the input) left as pretrained, not trained (default 0)")
+                   help="CNN stages (from the input) left as pretrained, not trained (default 1)")
     p.add_argument("--init", help="start from this teacher directory's weights and tokenizer (a second "
                                   "training stage; same sizes required)")
     p.add_argument("--eval-every", type=int, help="steps between held-out evaluations (default 500)")
