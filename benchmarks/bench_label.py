@@ -172,8 +172,8 @@ class _ShardWorkProcess:
                 if n:
                     self.samples.value += samples
                 self.ready.set()
-                for path in out.iterdir():     # the phrase cache too: every pass parses its captions
-                    shutil.rmtree(path)
+                shutil.rmtree(out)             # the phrase cache too: every pass parses its captions
+                out.mkdir()
                 if self.done.is_set():
                     return
         finally:
