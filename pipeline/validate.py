@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import numpy as np
+import simplejpeg
 from PIL import Image
 
 from shards.boxes import valid_boxes
@@ -43,8 +44,32 @@ def check_status(key: str, status: str, error_message: str | None) -> None:
         raise SampleError(key, "image", f"status {status}{detail}")
 
 
+def _decode_plain_jpeg(data: bytes, max_pixels: int) -> np.ndarray | None:
+    """``uint8 [H, W, 3]`` RGB of a YCbCr or grey JPEG that libjpeg-turbo decodes without warnings, else None.
+
+    simplejpeg calls libjpeg-turbo directly, as PIL does underneath, and gives the same pixels at a third of
+    the cost on small images (0.45 -> 0.15 ms at 180 x 180 here: PIL's per-image Python, format search and
+    copies dominate). Everything else returns None and goes through PIL: other formats, CMYK (which PIL
+    converts its own way), images over ``max_pixels``, and damaged data (which PIL accepts with warnings or
+    rejects with its own message), so what is accepted, what is rejected and every pixel stay PIL's.
+    """
+    if not data.startswith(b"\xff\xd8"):
+        return None
+    try:
+        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+        if colorspace not in ("YCbCr", "Gray") or not 0 < width * height <= max_pixels:
+            return None
+        return simplejpeg.decode_jpeg(data, colorspace="RGB")   # strict: any libjpeg warning raises
+    except ValueError:
+        return None
+
+
 def decode_rgb(data: bytes) -> np.ndarray:
-    """Encoded image bytes -> ``uint8 [H, W, 3]`` RGB (PIL errors propagate)."""
+    """Encoded image bytes (already checked by :func:`verify_image`) -> ``uint8 [H, W, 3]`` RGB (PIL errors
+    propagate)."""
+    pixels = _decode_plain_jpeg(data, max_pixels=np.iinfo(np.int64).max)
+    if pixels is not None:
+        return pixels
     with Image.open(io.BytesIO(data)) as img:
         return np.asarray(img.convert("RGB"))
 
@@ -74,6 +99,11 @@ def _open_checked(key: str, status: str, jpg: bytes | None, error_message: str |
 def check_image(key: str, status: str, jpg: bytes | None, error_message: str | None,
                 config: ValidationConfig) -> np.ndarray:
     """Decode an image row to ``uint8 [H, W, 3]`` RGB, or raise ``SampleError(stage="image")``."""
+    check_status(key, status, error_message)
+    pixels = _decode_plain_jpeg(jpg, config.max_image_pixels) if jpg else None
+    if pixels is not None:
+        return pixels
+
     def decode(img: Image.Image) -> np.ndarray:
         img.load()
         return np.asarray(img.convert("RGB"))

@@ -41,8 +41,18 @@ TRIM_SLACK = 0.1   # trim once the resident set exceeds its first batches' by th
 
 
 def _threads(num_cpus: float) -> int:
-    """Torch threads for an actor holding ``num_cpus`` logical CPUs (at least one)."""
+    """Compute threads for an actor holding ``num_cpus`` logical CPUs (at least one)."""
     return max(1, int(num_cpus))
+
+
+def _own_cpus(num_cpus: float) -> None:
+    """Give torch and numpy's BLAS (spaCy's matrix products) only the threads of the actor's CPUs: two
+    processes each spreading over every core of a small machine ran several times slower than one each."""
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    torch.set_num_threads(_threads(num_cpus))
+    threadpool_limits(_threads(num_cpus), user_api="blas")
 
 
 def _peak_rss_mb() -> float:
@@ -117,11 +127,9 @@ class TeacherActor:
     """One teacher for the job's lifetime; ``ground`` is ``Teacher.ground`` plus busy-time accounting."""
 
     def __init__(self, spec: TeacherSpec, num_cpus: float):
-        import torch
-
         from teacher.base import load_teacher
 
-        torch.set_num_threads(_threads(num_cpus))
+        _own_cpus(num_cpus)
         self.teacher = load_teacher(spec.spec, device=spec.device, score_floor=spec.score_floor,
                                     top_k=spec.top_k)
         self.busy_s = 0.0
@@ -171,9 +179,7 @@ class ShardActor:
 
     def __init__(self, phrase_config: PhraseConfig, teacher_names: list[str], num_cpus: float, index: int,
                  progress_name: str | None = None):
-        import torch
-
-        torch.set_num_threads(_threads(num_cpus))
+        _own_cpus(num_cpus)
         self.extractor = PhraseExtractor(phrase_config)
         # Actors are found by name rather than passed as handles: a restarted actor re-runs this
         # constructor, and plain strings, unlike handles, never depend on objects that may be gone.

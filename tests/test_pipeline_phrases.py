@@ -100,3 +100,25 @@ def test_pos_memo_gives_exactly_the_ruler_s_chunks(extractor):
         by_ruler = memo.ruler(Doc(doc.vocab).from_bytes(doc.to_bytes()))
         by_memo = memo(doc)
         assert [t.pos_ for t in by_memo] == [t.pos_ for t in by_ruler], doc.text
+
+
+def test_numpy_matmul_gives_blis_s_phrases(extractor):
+    """The pipeline's matrix products run on numpy's BLAS (for speed); its phrases must be BLIS's."""
+    from thinc.api import NumpyOps
+
+    nodes = [node for _, proc in extractor.nlp.pipeline if hasattr(proc, "model")
+             for node in proc.model.walk()]
+    assert nodes and all(isinstance(n.ops, NumpyOps) and not n.ops.use_blis for n in nodes)
+    rng = np.random.default_rng(11)
+    captions = [make_caption(sample_scene(rng, SceneConfig()), rng).text for _ in range(300)] + MIXED_CAPTIONS
+    with_numpy = extractor.extract(captions)
+    blis = NumpyOps(use_blis=True)
+    saved = [node.ops for node in nodes]
+    for node in nodes:
+        node.ops = blis
+    try:
+        with_blis = extractor.extract(captions)
+    finally:
+        for node, ops in zip(nodes, saved):
+            node.ops = ops
+    assert with_numpy == with_blis

@@ -4,9 +4,10 @@ import io
 
 import numpy as np
 import pytest
+import simplejpeg
 from PIL import Image
 
-from pipeline.validate import ValidationConfig, check_image, verify_image
+from pipeline.validate import ValidationConfig, check_image, decode_rgb, verify_image
 from shards.errors import SampleError
 
 
@@ -44,3 +45,35 @@ def test_verify_rejects_garbage_missing_bytes_failed_rows_and_bombs():
     with pytest.raises(SampleError) as err:
         verify_image("k", "failed_to_download", _encode("JPEG"), "timeout", ValidationConfig())
     assert "failed_to_download" in err.value.reason and "timeout" in err.value.reason
+
+
+def _pil_rgb(data: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as img:
+        return np.asarray(img.convert("RGB"))
+
+
+def _jpeg(mode: str, **options) -> bytes:
+    rng = np.random.default_rng(1)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (61, 83, 3), dtype=np.uint8)).convert(mode).save(
+        buf, format="JPEG", **options)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("mode,options", [("RGB", {}), ("RGB", {"subsampling": 0}),
+                                          ("RGB", {"progressive": True}), ("L", {}), ("CMYK", {})])
+def test_decoded_pixels_are_pil_s(mode, options):
+    """libjpeg-turbo called directly (plain JPEGs) or PIL (the rest): the pixels are PIL's either way."""
+    data = _jpeg(mode, **options)
+    assert np.array_equal(check_image("k", "success", data, None, ValidationConfig()), _pil_rgb(data))
+    assert np.array_equal(decode_rgb(data), _pil_rgb(data))
+
+
+def test_damaged_jpeg_is_judged_by_pil():
+    """Zeroed scan bytes make libjpeg warn; PIL decodes such a file anyway, and so the check accepts it."""
+    data = bytearray(_jpeg("RGB"))
+    data[len(data) // 2: len(data) // 2 + 40] = bytes(40)
+    data = bytes(data)
+    with pytest.raises(ValueError):
+        simplejpeg.decode_jpeg(data)       # the fast path refuses it; PIL takes it
+    assert np.array_equal(check_image("k", "success", data, None, ValidationConfig()), _pil_rgb(data))
