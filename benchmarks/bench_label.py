@@ -10,6 +10,9 @@ Same samples, same teacher, same thread count for the teacher (one CPU by defaul
    answers replayed at the teacher's pace: how much sharing the machine with that work slows the teacher,
    apart from how well the job keeps it fed.
 
+(1) and (2) run in ``--repeats`` rounds, each job right after its own teacher-alone pass, and the figures are
+medians over rounds with every round's ratio printed: a shared host's speed drifts by 10-20 % over minutes.
+
 Printed: samples/s of both and their ratio (target >= 0.9) at N and at scale x N samples (a one-shard job
 pays its start and end, when the teacher waits for the first batch and the last files, on few samples), the
 non-teacher CPU cost in ms per sample per core (target <= 2), the job's peak memory (all actors) at N and
@@ -26,6 +29,7 @@ import itertools
 import json
 import os
 import resource
+import statistics
 import sys
 import tempfile
 import time
@@ -36,6 +40,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--samples", type=int, default=250, help="N (samples of the small world)")
     p.add_argument("--scale", type=int, default=10, help="the large world has scale x N samples")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="rounds of (teacher alone, job) at N and scale x N; figures are medians over rounds")
     p.add_argument("--per-shard", type=int, default=250, help="samples per shard")
     p.add_argument("--teacher", default="tiny")
     p.add_argument("--batch-size", type=int, default=16)
@@ -218,6 +224,87 @@ def whole_job(world_dir: Path, out: Path, args) -> dict:
     return summary
 
 
+def _median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def run_rounds(args, small: Path, large: Path, root: Path) -> list[dict]:
+    """``args.repeats`` rounds of (teacher alone, job) at N, then at scale x N.
+
+    Each job is compared with the teacher-alone pass just before it: this host's speed drifts by 10-20 %
+    over minutes, so passes far apart in time would measure the drift rather than the job.
+    """
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    rounds = []
+    for r in range(args.repeats):
+        alone_n, _ = teacher_alone(small, args)
+        job_n = whole_job(small, root / f"labels-{stamp}-{r}-n", args)
+        alone_10n, _ = teacher_alone(large, args)
+        job_10n = whole_job(large, root / f"labels-{stamp}-{r}-10n", args)
+        rounds.append({"alone_n": alone_n, "job_n": job_n, "alone_10n": alone_10n, "job_10n": job_10n})
+    return rounds
+
+
+def summarise(rounds: list[dict], beside_10n: dict, args) -> dict:
+    """Medians over rounds (the per-round values alongside) of every figure the issue asks for."""
+    def per_round(fn) -> list[float]:
+        return [fn(r) for r in rounds]
+
+    def med(fn) -> float:
+        return _median(per_round(fn))
+
+    def actors(job) -> float:
+        return job["peak_rss_mb"]["actors"]
+
+    ratio_n = per_round(lambda r: r["job_n"]["samples_per_s"] / r["alone_n"]["samples_per_s"])
+    ratio_10n = per_round(lambda r: r["job_10n"]["samples_per_s"] / r["alone_10n"]["samples_per_s"])
+    rss_ratio = per_round(lambda r: actors(r["job_10n"]) / actors(r["job_n"]))
+    last = rounds[-1]
+    alone_10n_ms = med(lambda r: 1000 * r["alone_10n"]["seconds"] / r["alone_10n"]["grounded"])
+    return {
+        "teacher": last["job_n"]["teacher"], "samples": args.samples, "scale": args.scale,
+        "rounds": len(rounds),
+        "teacher_alone_samples_per_s": med(lambda r: r["alone_n"]["samples_per_s"]),
+        "job_samples_per_s": med(lambda r: r["job_n"]["samples_per_s"]),
+        "ratio_job_to_teacher": _median(ratio_n), "ratio_job_to_teacher_by_round": ratio_n,
+        "teacher_alone_samples_per_s_10n": med(lambda r: r["alone_10n"]["samples_per_s"]),
+        "job_10n_samples_per_s": med(lambda r: r["job_10n"]["samples_per_s"]),
+        "ratio_job_to_teacher_10n": _median(ratio_10n), "ratio_job_to_teacher_10n_by_round": ratio_10n,
+        "job_end_to_end_samples_per_s": med(lambda r: r["job_n"]["samples"] / r["job_n"]["wall_s"]),
+        "non_teacher_ms_per_sample_per_core": med(lambda r: r["job_n"]["prep_ms_per_sample"]),
+        "non_teacher_ms_per_sample_per_core_10n": med(lambda r: r["job_10n"]["prep_ms_per_sample"]),
+        "ground_truth_scoring_ms_per_sample_10n": med(lambda r: r["job_10n"]["scoring_ms_per_sample"]),
+        # What a job on real data (no hidden truth to score against) pays per sample besides the teacher.
+        "non_teacher_ms_per_sample_per_core_10n_without_scoring":
+            med(lambda r: r["job_10n"]["prep_ms_per_sample"] - r["job_10n"]["scoring_ms_per_sample"]),
+        "non_teacher_ms_per_sample_per_core_10n_by_round":
+            per_round(lambda r: r["job_10n"]["prep_ms_per_sample"]),
+        "teacher_busy_fraction": med(lambda r: r["job_n"]["teacher_busy_fraction"]),
+        "teacher_busy_fraction_10n": med(lambda r: r["job_10n"]["teacher_busy_fraction"]),
+        # The ratio's two factors: idle teacher (busy fraction) and a slower teacher (per-sample time in the
+        # job's actor against alone).
+        "teacher_ms_per_grounded_sample_alone_10n": alone_10n_ms,
+        "teacher_ms_per_grounded_sample_job_10n":
+            med(lambda r: 1000 * r["job_10n"]["teacher_busy_s"] / r["job_10n"]["grounded"]),
+        # What sharing the cores costs the teacher: alone, but with the job's shard work looping beside it.
+        "teacher_ms_per_grounded_sample_beside_shard_work_10n":
+            1000 * beside_10n["seconds"] / beside_10n["grounded"],
+        "shard_work_samples_per_s_beside_teacher_10n": beside_10n["shard_work_samples_per_s"],
+        "peak_rss_mb_n": med(lambda r: actors(r["job_n"])),
+        "peak_rss_mb_10n": med(lambda r: actors(r["job_10n"])),
+        "peak_rss_ratio_10n_to_n": _median(rss_ratio), "peak_rss_ratio_10n_to_n_by_round": rss_ratio,
+        "peak_rss_mb_by_actor_n": last["job_n"]["peak_rss_mb"],
+        "peak_rss_mb_by_actor_10n": last["job_10n"]["peak_rss_mb"],
+        "teacher_heap_trims_10n": last["job_10n"].get("teacher_heap_trims"),
+        "label_bytes_per_sample_on_disk": last["job_10n"]["label_bytes_per_sample"],
+        "label_payload_bytes_per_sample": last["job_10n"]["payload_bytes_per_sample"],
+        "precision": last["job_10n"].get("precision"), "recall": last["job_10n"].get("recall"),
+        "cpus": args.num_cpus, "batch_size": args.batch_size,
+        "teachers": last["job_n"]["teachers"], "shard_workers_10n": last["job_10n"]["shard_workers"],
+        "decode": args.decode,
+    }
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("SGA_PROGRESS", "0")
@@ -225,63 +312,18 @@ def main(argv=None) -> int:
     root.mkdir(parents=True, exist_ok=True)
     small = world(root, args.samples, args.per_shard)
     large = world(root, args.samples * args.scale, args.per_shard)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    # The teacher alone is timed before and after the jobs and the faster run kept: on a shared machine
-    # this errs towards a lower (more conservative) job-to-teacher ratio.
-    alone, _ = teacher_alone(small, args)
-    alone_10n, answers = teacher_alone(large, args)
     # Before any job: the shard work is forked from this process, which must not hold a Ray driver yet.
+    alone_10n, answers = teacher_alone(large, args)
     beside_10n, _ = teacher_alone(large, args, beside=(answers, alone_10n["grounded"] / alone_10n["seconds"]))
-    job_n = whole_job(small, root / f"labels-{stamp}-n", args)
-    job_10n = whole_job(large, root / f"labels-{stamp}-10n", args)
-    alone = max(alone, teacher_alone(small, args)[0], key=lambda r: r["samples_per_s"])
-    alone_10n = max(alone_10n, teacher_alone(large, args)[0], key=lambda r: r["samples_per_s"])
-
-    def peak(job):
-        return job["peak_rss_mb"]["actors"]
-
-    result = {
-        "teacher": job_n["teacher"], "samples": args.samples, "scale": args.scale,
-        "teacher_alone_samples_per_s": alone["samples_per_s"],
-        "job_samples_per_s": job_n["samples_per_s"],
-        "ratio_job_to_teacher": job_n["samples_per_s"] / alone["samples_per_s"],
-        "teacher_alone_samples_per_s_10n": alone_10n["samples_per_s"],
-        "ratio_job_to_teacher_10n": job_10n["samples_per_s"] / alone_10n["samples_per_s"],
-        "job_end_to_end_samples_per_s": job_n["samples"] / job_n["wall_s"],
-        "non_teacher_ms_per_sample_per_core": job_n["prep_ms_per_sample"],
-        "non_teacher_ms_per_sample_per_core_10n": job_10n["prep_ms_per_sample"],
-        "ground_truth_scoring_ms_per_sample_10n": job_10n["scoring_ms_per_sample"],
-        # What a job on real data (no hidden truth to score against) pays per sample besides the teacher.
-        "non_teacher_ms_per_sample_per_core_10n_without_scoring":
-            job_10n["prep_ms_per_sample"] - job_10n["scoring_ms_per_sample"],
-        "teacher_busy_fraction": job_n["teacher_busy_fraction"],
-        "teacher_busy_fraction_10n": job_10n["teacher_busy_fraction"],
-        # The ratio's two factors: idle teacher (busy fraction) and a slower teacher (per-sample time in the
-        # job's actor against alone; the machine's speed drifts between runs, which moves this one).
-        "teacher_ms_per_grounded_sample_alone_10n": 1000 * alone_10n["seconds"] / alone_10n["grounded"],
-        "teacher_ms_per_grounded_sample_job_10n": 1000 * job_10n["teacher_busy_s"] / job_10n["grounded"],
-        # What sharing two cores costs the teacher: alone, but with the job's shard work looping beside it.
-        "teacher_ms_per_grounded_sample_beside_shard_work_10n":
-            1000 * beside_10n["seconds"] / beside_10n["grounded"],
-        "ratio_job_to_teacher_beside_shard_work_10n": job_10n["samples_per_s"] / beside_10n["samples_per_s"],
-        "shard_work_samples_per_s_beside_teacher_10n": beside_10n["shard_work_samples_per_s"],
-        "peak_rss_mb_n": peak(job_n), "peak_rss_mb_10n": peak(job_10n),
-        "peak_rss_ratio_10n_to_n": peak(job_10n) / peak(job_n),
-        "peak_rss_mb_by_actor_n": job_n["peak_rss_mb"], "peak_rss_mb_by_actor_10n": job_10n["peak_rss_mb"],
-        "teacher_heap_trims_n": job_n.get("teacher_heap_trims"),
-        "teacher_heap_trims_10n": job_10n.get("teacher_heap_trims"),
-        "label_bytes_per_sample_on_disk": job_10n["label_bytes_per_sample"],
-        "label_payload_bytes_per_sample": job_10n["payload_bytes_per_sample"],
-        "job_10n_samples_per_s": job_10n["samples_per_s"],
-        "precision": job_10n.get("precision"), "recall": job_10n.get("recall"),
-        "cpus": args.num_cpus, "batch_size": args.batch_size, "workdir": str(root),
-        "teachers": job_n["teachers"], "shard_workers_10n": job_10n["shard_workers"], "decode": args.decode,
-    }
+    result = summarise(run_rounds(args, small, large, root), beside_10n, args)
+    result["workdir"] = str(root)
     if args.json:
         print(json.dumps(result, sort_keys=True))
     else:
         width = max(len(k) for k in result)
         for key, value in result.items():
+            if isinstance(value, list):
+                value = " ".join(f"{v:.4g}" for v in value)
             print(f"{key:<{width}}  {value:.4g}" if isinstance(value, float) else f"{key:<{width}}  {value}")
     return 0
 
