@@ -8,7 +8,9 @@ Same samples, same teacher, same thread count for the teacher (one CPU by defaul
    matches and writes), on N samples and on ``--scale`` x N samples;
 3. at scale x N, the teacher alone again while the job's shard work loops in a second process, its teacher
    answers replayed at the teacher's pace: how much sharing the machine with that work slows the teacher,
-   apart from how well the job keeps it fed.
+   apart from how well the job keeps it fed;
+4. at scale x N, that shard work alone in this process, the answers replayed at once: its CPU per sample
+   without a teacher on the other core (the job's figure adds what sharing the machine costs it).
 
 (1) and (2) run in ``--repeats`` rounds, each job right after its own teacher-alone pass, and the figures are
 medians over rounds with every round's ratio printed: a shared host's speed drifts by 10-20 % over minutes.
@@ -29,6 +31,7 @@ import itertools
 import json
 import os
 import resource
+import shutil
 import statistics
 import sys
 import tempfile
@@ -141,6 +144,41 @@ class _ReplayClient:
         return [self.answers[_answer_key(caption, spans)] for _, caption, spans in batch]
 
 
+def _replay_task(world_dir: Path, args, out: Path):
+    """``(ShardTask, PhraseExtractor)`` of the job's shard work on ``world_dir``, writing under ``out``."""
+    from pipeline.labeler import ShardTask
+    from pipeline.phrases import PhraseExtractor
+    from shards.labels import LabelSetInfo
+
+    extractor = PhraseExtractor()
+    info = LabelSetInfo("replay", "replay", extractor.extractor_id, args.score_floor, args.score_threshold)
+    task = ShardTask(str(world_dir / "images"), str(world_dir / "regions"), str(out), info,
+                     gt_uri=str(world_dir / "gt"), batch_size=args.batch_size, decode=args.decode)
+    return task, extractor
+
+
+def shard_work_alone(world_dir: Path, args, answers: dict) -> dict:
+    """The job's shard work in this process with the teacher's answers replayed at once, the other core
+    idle: the non-teacher CPU per sample of the code itself, without a teacher sharing the machine.
+    The first shard warms up and is not counted."""
+    from threadpoolctl import threadpool_limits
+
+    from pipeline.labeler import label_shard
+    from shards.images import list_shards
+
+    out = Path(tempfile.mkdtemp(prefix="bench-shard-alone-"))
+    try:
+        task, extractor = _replay_task(world_dir, args, out)
+        client, shards = _ReplayClient(answers, float("inf")), list_shards(str(world_dir / "images"))
+        with threadpool_limits(1, user_api="blas"):
+            stats = [label_shard(task, shard, extractor, client) for shard in shards]
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    samples = sum(s["samples"] for s in stats[1:])
+    return {"ms_per_sample": 1000 * sum(s["prep_cpu_s"] for s in stats[1:]) / max(samples, 1),
+            "scoring_ms_per_sample": 1000 * sum(s["scoring_cpu_s"] for s in stats[1:]) / max(samples, 1)}
+
+
 class _ShardWorkProcess:
     """The job's shard work (read, decode, parse, match, write; the teacher's answers replayed at its pace)
     looping over a world's shards in a forked process until stopped; it counts only after one warm shard."""
@@ -159,19 +197,14 @@ class _ShardWorkProcess:
                 raise RuntimeError(f"the shard work process exited with {self.process.exitcode}")
 
     def _loop(self, world_dir: Path, args, answers: dict, per_s: float) -> None:
-        import shutil
+        from threadpoolctl import threadpool_limits
 
-        from pipeline.labeler import ShardTask, label_shard
-        from pipeline.phrases import PhraseExtractor
+        from pipeline.labeler import label_shard
         from shards.images import list_shards
-        from shards.labels import LabelSetInfo
 
-        extractor = PhraseExtractor()
-        info = LabelSetInfo("replay", "replay", extractor.extractor_id, args.score_floor,
-                            args.score_threshold)
+        threadpool_limits(1, user_api="blas")     # as the job's one-CPU shard worker
         out = Path(tempfile.mkdtemp(prefix="bench-shard-work-"))
-        task = ShardTask(str(world_dir / "images"), str(world_dir / "regions"), str(out), info,
-                         gt_uri=str(world_dir / "gt"), batch_size=args.batch_size, decode=args.decode)
+        task, extractor = _replay_task(world_dir, args, out)
         client, shards = _ReplayClient(answers, per_s), list_shards(str(world_dir / "images"))
         try:
             for n, shard in enumerate(itertools.cycle(shards)):
@@ -315,7 +348,12 @@ def main(argv=None) -> int:
     # Before any job: the shard work is forked from this process, which must not hold a Ray driver yet.
     alone_10n, answers = teacher_alone(large, args)
     beside_10n, _ = teacher_alone(large, args, beside=(answers, alone_10n["grounded"] / alone_10n["seconds"]))
+    quiet = shard_work_alone(large, args, answers)
     result = summarise(run_rounds(args, small, large, root), beside_10n, args)
+    # The code's own cost, apart from what sharing two cores with the teacher adds to it in the job.
+    result["non_teacher_ms_per_sample_per_core_10n_other_core_idle"] = quiet["ms_per_sample"]
+    result["non_teacher_ms_per_sample_per_core_10n_other_core_idle_without_scoring"] = (
+        quiet["ms_per_sample"] - quiet["scoring_ms_per_sample"])
     result["workdir"] = str(root)
     if args.json:
         print(json.dumps(result, sort_keys=True))
