@@ -59,7 +59,7 @@ def _decode_plain_jpeg(data: bytes, max_pixels: int) -> np.ndarray | None:
         height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
         if colorspace not in ("YCbCr", "Gray") or not 0 < width * height <= max_pixels:
             return None
-        return simplejpeg.decode_jpeg(data, colorspace="RGB")   # strict: any libjpeg warning raises
+        return simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True)   # any libjpeg warning raises
     except Exception:  # ValueError in 3,000 fuzzed JPEGs; whatever it is, PIL gives the verdict
         return None
 
