@@ -57,7 +57,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--score-threshold", type=float, default=0.1)
     p.add_argument("--workdir", help="keeps the worlds between runs (default: a temporary folder)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.repeats < 1:
+        p.error("--repeats must be at least 1")
+    return args
 
 
 def world(root: Path, samples: int, per_shard: int) -> Path:
@@ -257,10 +260,6 @@ def whole_job(world_dir: Path, out: Path, args) -> dict:
     return summary
 
 
-def _median(values: list[float]) -> float:
-    return statistics.median(values)
-
-
 def run_rounds(args, small: Path, large: Path, root: Path) -> list[dict]:
     """``args.repeats`` rounds of (teacher alone, job) at N, then at scale x N.
 
@@ -284,7 +283,7 @@ def summarise(rounds: list[dict], beside_10n: dict, args) -> dict:
         return [fn(r) for r in rounds]
 
     def med(fn) -> float:
-        return _median(per_round(fn))
+        return statistics.median(per_round(fn))
 
     def actors(job) -> float:
         return job["peak_rss_mb"]["actors"]
@@ -299,10 +298,11 @@ def summarise(rounds: list[dict], beside_10n: dict, args) -> dict:
         "rounds": len(rounds),
         "teacher_alone_samples_per_s": med(lambda r: r["alone_n"]["samples_per_s"]),
         "job_samples_per_s": med(lambda r: r["job_n"]["samples_per_s"]),
-        "ratio_job_to_teacher": _median(ratio_n), "ratio_job_to_teacher_by_round": ratio_n,
+        "ratio_job_to_teacher": statistics.median(ratio_n), "ratio_job_to_teacher_by_round": ratio_n,
         "teacher_alone_samples_per_s_10n": med(lambda r: r["alone_10n"]["samples_per_s"]),
         "job_10n_samples_per_s": med(lambda r: r["job_10n"]["samples_per_s"]),
-        "ratio_job_to_teacher_10n": _median(ratio_10n), "ratio_job_to_teacher_10n_by_round": ratio_10n,
+        "ratio_job_to_teacher_10n": statistics.median(ratio_10n),
+        "ratio_job_to_teacher_10n_by_round": ratio_10n,
         "job_end_to_end_samples_per_s": med(lambda r: r["job_n"]["samples"] / r["job_n"]["wall_s"]),
         "non_teacher_ms_per_sample_per_core": med(lambda r: r["job_n"]["prep_ms_per_sample"]),
         "non_teacher_ms_per_sample_per_core_10n": med(lambda r: r["job_10n"]["prep_ms_per_sample"]),
@@ -325,7 +325,8 @@ def summarise(rounds: list[dict], beside_10n: dict, args) -> dict:
         "shard_work_samples_per_s_beside_teacher_10n": beside_10n["shard_work_samples_per_s"],
         "peak_rss_mb_n": med(lambda r: actors(r["job_n"])),
         "peak_rss_mb_10n": med(lambda r: actors(r["job_10n"])),
-        "peak_rss_ratio_10n_to_n": _median(rss_ratio), "peak_rss_ratio_10n_to_n_by_round": rss_ratio,
+        "peak_rss_ratio_10n_to_n": statistics.median(rss_ratio),
+        "peak_rss_ratio_10n_to_n_by_round": rss_ratio,
         "peak_rss_mb_by_actor_n": last["job_n"]["peak_rss_mb"],
         "peak_rss_mb_by_actor_10n": last["job_10n"]["peak_rss_mb"],
         "teacher_heap_trims_10n": last["job_10n"].get("teacher_heap_trims"),
