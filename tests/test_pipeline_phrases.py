@@ -19,6 +19,11 @@ from shards.synthetic.captions import make_caption
 from shards.synthetic.scene import SceneConfig, sample_scene
 
 
+def _world_captions(seed: int, n: int = 300) -> list[str]:
+    rng = np.random.default_rng(seed)
+    return [make_caption(sample_scene(rng, SceneConfig()), rng).text for _ in range(n)]
+
+
 @pytest.fixture(scope="module")
 def extractor():
     return PhraseExtractor(PhraseConfig(batch_size=4))
@@ -80,9 +85,7 @@ MIXED_CAPTIONS = [
 
 
 def test_pos_memo_gives_exactly_the_ruler_s_chunks(extractor):
-    rng = np.random.default_rng(3)
-    world = [make_caption(sample_scene(rng, SceneConfig()), rng).text for _ in range(300)]
-    captions = world + MIXED_CAPTIONS
+    captions = _world_captions(seed=3) + MIXED_CAPTIONS
     memo = extractor.pos
     assert memo is not None and memo.enabled
     memo.memo.clear()
@@ -109,8 +112,7 @@ def test_numpy_matmul_gives_blis_s_phrases(extractor):
     nodes = [node for _, proc in extractor.nlp.pipeline if hasattr(proc, "model")
              for node in proc.model.walk()]
     assert nodes and all(isinstance(n.ops, NumpyOps) and not n.ops.use_blis for n in nodes)
-    rng = np.random.default_rng(11)
-    captions = [make_caption(sample_scene(rng, SceneConfig()), rng).text for _ in range(300)] + MIXED_CAPTIONS
+    captions = _world_captions(seed=11) + MIXED_CAPTIONS
     with_numpy = extractor.extract(captions)
     blis = NumpyOps(use_blis=True)
     saved = [node.ops for node in nodes]

@@ -11,10 +11,11 @@ from pipeline.validate import ValidationConfig, check_image, decode_rgb, verify_
 from shards.errors import SampleError
 
 
-def _encode(fmt: str, width: int = 203, height: int = 131) -> bytes:
+def _encode(fmt: str, width: int = 203, height: int = 131, mode: str = "RGB", **options) -> bytes:
     rng = np.random.default_rng(0)
     buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8)).save(buf, format=fmt)
+    Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8)).convert(mode).save(
+        buf, format=fmt, **options)
     return buf.getvalue()
 
 
@@ -52,26 +53,18 @@ def _pil_rgb(data: bytes) -> np.ndarray:
         return np.asarray(img.convert("RGB"))
 
 
-def _jpeg(mode: str, **options) -> bytes:
-    rng = np.random.default_rng(1)
-    buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 255, (61, 83, 3), dtype=np.uint8)).convert(mode).save(
-        buf, format="JPEG", **options)
-    return buf.getvalue()
-
-
 @pytest.mark.parametrize("mode,options", [("RGB", {}), ("RGB", {"subsampling": 0}),
                                           ("RGB", {"progressive": True}), ("L", {}), ("CMYK", {})])
 def test_decoded_pixels_are_pil_s(mode, options):
     """libjpeg-turbo called directly (plain JPEGs) or PIL (the rest): the pixels are PIL's either way."""
-    data = _jpeg(mode, **options)
+    data = _encode("JPEG", mode=mode, **options)
     assert np.array_equal(check_image("k", "success", data, None, ValidationConfig()), _pil_rgb(data))
     assert np.array_equal(decode_rgb(data), _pil_rgb(data))
 
 
 def test_damaged_jpeg_is_judged_by_pil():
     """Zeroed scan bytes make libjpeg warn; PIL decodes such a file anyway, and so the check accepts it."""
-    data = bytearray(_jpeg("RGB"))
+    data = bytearray(_encode("JPEG"))
     data[len(data) // 2: len(data) // 2 + 40] = bytes(40)
     data = bytes(data)
     with pytest.raises(ValueError):
