@@ -1,6 +1,7 @@
 """Benchmark of ``sga label``: the whole job against the teacher's forward pass alone, in one run.
 
-Same samples, same teacher, same thread count for the teacher (one CPU by default):
+Same samples, same teacher, same thread count and memory set-up (``pipeline.heap``) for the teacher (one CPU
+by default):
 
 1. the teacher alone on pre-decoded batches (images decoded and phrases extracted beforehand), in this
    process: the ceiling for the job's throughput;
@@ -340,8 +341,12 @@ def summarise(rounds: list[dict], beside_10n: dict, args) -> dict:
 
 
 def main(argv=None) -> int:
+    from pipeline.heap import steady_teacher_memory
+
     args = parse_args(argv)
     os.environ.setdefault("SGA_PROGRESS", "0")
+    # The teacher alone runs in this process as in the job's teacher actor (the forked shard work inherits).
+    steady_teacher_memory()
     root = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="bench-label-"))
     root.mkdir(parents=True, exist_ok=True)
     small = world(root, args.samples, args.per_shard)

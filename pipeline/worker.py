@@ -18,11 +18,8 @@ error row instead of stalling the job.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import itertools
 import os
-import resource
 import threading
 import time
 from dataclasses import dataclass
@@ -32,12 +29,12 @@ import ray
 
 from shards.errors import SgaError
 
+from .heap import HeapTrimmer, keep_heap, peak_rss_mb, steady_teacher_memory
 from .labeler import ShardTask, ground_plain, label_shard
 from .phrases import PhraseConfig, PhraseExtractor
 
 MAX_TASK_RETRIES = 3
 SHARDS_IN_FLIGHT = 2   # shard calls a shard worker runs at once (threads; see label_shard's prep_lock)
-TRIM_SLACK = 0.1   # trim once the resident set exceeds its first batches' by this much (HeapTrimmer)
 
 
 def _threads(num_cpus: float) -> int:
@@ -53,64 +50,6 @@ def _own_cpus(num_cpus: float) -> None:
 
     torch.set_num_threads(_threads(num_cpus))
     threadpool_limits(_threads(num_cpus), user_api="blas")
-
-
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _malloc_trim():
-    """glibc's ``malloc_trim`` (None elsewhere): hands freed heap pages back to the OS."""
-    name = ctypes.util.find_library("c")
-    try:
-        return ctypes.CDLL(name).malloc_trim if name else None
-    except (OSError, AttributeError):
-        return None
-
-
-def _resident_mb() -> float | None:
-    """This process's current resident set in MB (Linux ``/proc``; None elsewhere)."""
-    try:
-        with open("/proc/self/statm") as f:
-            pages = int(f.read().split()[1])
-    except (OSError, IndexError, ValueError):
-        return None
-    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-class HeapTrimmer:
-    """Trims the heap when the resident set outgrows its first batches' by ``slack``, at most once per
-    ``cooldown`` batches.
-
-    Every teacher batch allocates tensors of a new padded size; glibc keeps the freed ones in its heap, where
-    they fragment, so a teacher's RSS grew with the number of batches (667 MB after 16 batches, 887 MB after
-    157). ``malloc_trim`` hands them back, but the next batches fault the pages in again: trimming after
-    every second batch cost the tiny teacher 10–15 % of its throughput, and a bound alone can oscillate
-    (trim, re-fault past the bound, trim). The bound starts at the largest resident set of the first
-    ``warmup`` batches, which holds one batch's working set; memory still resident after a trim is live, so
-    the bound follows it.
-    """
-
-    def __init__(self, slack: float = TRIM_SLACK, warmup: int = 4, cooldown: int = 16):
-        self.slack, self.warmup, self.cooldown = slack, warmup, cooldown
-        self.trims = 0
-        self._trim = _malloc_trim()
-        self._bound = 0.0
-        self._batches = 0
-        self._next_trim = 0
-
-    def after_batch(self) -> None:
-        rss = _resident_mb() if self._trim is not None else None
-        if rss is None:
-            return
-        self._batches += 1
-        if self._batches <= self.warmup:
-            self._bound = max(self._bound, rss * (1 + self.slack))
-        elif rss > self._bound and self._batches >= self._next_trim:
-            self._trim(0)
-            self.trims += 1
-            self._next_trim = self._batches + self.cooldown
-            self._bound = max(self._bound, (_resident_mb() or rss) * (1 + self.slack))
 
 
 @dataclass
@@ -130,6 +69,7 @@ class TeacherActor:
         from teacher.base import load_teacher
 
         _own_cpus(num_cpus)
+        steady_teacher_memory()
         self.teacher = load_teacher(spec.spec, device=spec.device, score_floor=spec.score_floor,
                                     top_k=spec.top_k)
         self.busy_s = 0.0
@@ -154,7 +94,7 @@ class TeacherActor:
 
     def stats(self) -> dict[str, Any]:
         return {"busy_s": self.busy_s, "alive_s": time.perf_counter() - self.started, "calls": self.calls,
-                "samples": self.samples, "peak_rss_mb": _peak_rss_mb(), "heap_trims": self.heap.trims,
+                "samples": self.samples, "peak_rss_mb": peak_rss_mb(), "heap_trims": self.heap.trims,
                 "pid": os.getpid()}
 
 
@@ -180,6 +120,7 @@ class ShardActor:
     def __init__(self, phrase_config: PhraseConfig, teacher_names: list[str], num_cpus: float, index: int,
                  progress_name: str | None = None):
         _own_cpus(num_cpus)
+        keep_heap()
         self.extractor = PhraseExtractor(phrase_config)
         # Actors are found by name rather than passed as handles: a restarted actor re-runs this
         # constructor, and plain strings, unlike handles, never depend on objects that may be gone.
@@ -209,7 +150,7 @@ class ShardActor:
         return stats
 
     def stats(self) -> dict[str, Any]:
-        return {"shards": self.shards, "prep_cpu_s": self.cpu_s, "peak_rss_mb": _peak_rss_mb(),
+        return {"shards": self.shards, "prep_cpu_s": self.cpu_s, "peak_rss_mb": peak_rss_mb(),
                 "pid": os.getpid()}
 
 
