@@ -13,8 +13,9 @@ by default):
 4. at scale x N, that shard work alone in this process, the answers replayed at once: its CPU per sample
    without a teacher on the other core (the job's figure adds what sharing the machine costs it).
 
-(1) and (2) run in ``--repeats`` rounds, each job right after its own teacher-alone pass, and the figures are
-medians over rounds with every round's ratio printed: a shared host's speed drifts by 10-20 % over minutes.
+(1) and (2) run in ``--repeats`` rounds, each job between two teacher-alone passes whose mean it is compared
+with, and the figures are medians over rounds with every round's ratio printed: a shared host's speed drifts
+by 10-20 % over minutes.
 
 Printed: samples/s of both and their ratio (target >= 0.9) at N and at scale x N samples (a one-shard job
 pays its start and end, when the teacher waits for the first batch and the last files, on few samples), the
@@ -45,7 +46,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--samples", type=int, default=250, help="N (samples of the small world)")
     p.add_argument("--scale", type=int, default=10, help="the large world has scale x N samples")
     p.add_argument("--repeats", type=int, default=3,
-                   help="rounds of (teacher alone, job) at N and scale x N; figures are medians over rounds")
+                   help="jobs at N and at scale x N, each between two teacher-alone passes (medians)")
     p.add_argument("--per-shard", type=int, default=250, help="samples per shard")
     p.add_argument("--teacher", default="tiny")
     p.add_argument("--batch-size", type=int, default=16)
@@ -261,21 +262,30 @@ def whole_job(world_dir: Path, out: Path, args) -> dict:
     return summary
 
 
-def run_rounds(args, small: Path, large: Path, root: Path) -> list[dict]:
-    """``args.repeats`` rounds of (teacher alone, job) at N, then at scale x N.
+def bracketed(world_dir: Path, root: Path, tag: str, args) -> list[tuple[dict, dict]]:
+    """``args.repeats`` jobs on ``world_dir``, each between two teacher-alone passes (alone, job, alone, job,
+    ..., alone): ``(alone, job)`` per job, ``alone`` timed as the mean of its two neighbours.
 
-    Each job is compared with the teacher-alone pass just before it: this host's speed drifts by 10-20 %
-    over minutes, so passes far apart in time would measure the drift rather than the job.
+    This host's speed drifts by 10-20 % over minutes; against the passes on both sides of it, a job's ratio
+    cancels a steady drift instead of measuring it.
     """
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    rounds = []
+    alone = [teacher_alone(world_dir, args)[0]]
+    pairs = []
     for r in range(args.repeats):
-        alone_n, _ = teacher_alone(small, args)
-        job_n = whole_job(small, root / f"labels-{stamp}-{r}-n", args)
-        alone_10n, _ = teacher_alone(large, args)
-        job_10n = whole_job(large, root / f"labels-{stamp}-{r}-10n", args)
-        rounds.append({"alone_n": alone_n, "job_n": job_n, "alone_10n": alone_10n, "job_10n": job_10n})
-    return rounds
+        job = whole_job(world_dir, root / f"labels-{tag}-{r}", args)
+        alone.append(teacher_alone(world_dir, args)[0])
+        seconds = statistics.mean(a["seconds"] for a in alone[-2:])
+        reference = {**alone[-1], "seconds": seconds, "samples_per_s": alone[-1]["samples"] / seconds}
+        pairs.append((reference, job))
+    return pairs
+
+
+def run_rounds(args, small: Path, large: Path, root: Path) -> list[dict]:
+    """``args.repeats`` rounds of (teacher alone, job) at N and at scale x N (see :func:`bracketed`)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    at_n, at_10n = bracketed(small, root, f"{stamp}-n", args), bracketed(large, root, f"{stamp}-10n", args)
+    return [{"alone_n": an, "job_n": jn, "alone_10n": a10, "job_10n": j10}
+            for (an, jn), (a10, j10) in zip(at_n, at_10n)]
 
 
 def summarise(rounds: list[dict], beside_10n: dict, args) -> dict:
