@@ -2,7 +2,8 @@
 
 - :class:`TeacherActor` holds one teacher (one per GPU, or per CPU slot) for the whole job and answers
   ``ground(batch)`` calls; it counts the seconds it spends inside the teacher so the driver can report how
-  busy the teachers were.
+  busy the teachers were. Its process keeps its heap between batches and runs oneDNN without a primitive
+  cache (``pipeline.heap``: a fresh process spent 10-15 % of the teacher's time faulting memory back in).
 - :class:`ShardActor` holds the spaCy pipeline and runs :func:`pipeline.labeler.label_shard` for one shard
   per call, sending its batches round-robin to the teacher actors, at most ``max_inflight`` at a time. It
   runs ``SHARDS_IN_FLIGHT`` calls in threads, one reading and submitting at a time (``prep_lock``), so the
