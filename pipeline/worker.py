@@ -70,7 +70,7 @@ class TeacherActor:
         from teacher.base import load_teacher
 
         _own_cpus(num_cpus)
-        steady_teacher_memory()
+        self.heap_kept = steady_teacher_memory()
         self.teacher = load_teacher(spec.spec, device=spec.device, score_floor=spec.score_floor,
                                     top_k=spec.top_k)
         self.busy_s = 0.0
@@ -96,7 +96,7 @@ class TeacherActor:
     def stats(self) -> dict[str, Any]:
         return {"busy_s": self.busy_s, "alive_s": time.perf_counter() - self.started, "calls": self.calls,
                 "samples": self.samples, "peak_rss_mb": peak_rss_mb(), "heap_trims": self.heap.trims,
-                "pid": os.getpid()}
+                "heap_kept": self.heap_kept, "pid": os.getpid()}
 
 
 class RayTeacherClient:

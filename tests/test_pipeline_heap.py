@@ -88,6 +88,19 @@ def test_teacher_memory_stays_flat_over_new_input_sizes_unless_the_user_sets_the
     assert steady["growth_mb"] < 60, steady
 
 
+def test_teacher_actor_sets_up_its_process_before_loading_the_teacher():
+    """The job's teacher actor (its class, outside Ray) keeps its heap and turns oneDNN's cache off."""
+    code = """
+import json, os
+from pipeline.worker import TeacherActor, TeacherSpec
+actor = TeacherActor(TeacherSpec("tiny", "cpu", 0.05, 10), 1)
+print(json.dumps({"kept": actor.stats()["heap_kept"],
+                  "capacity": os.environ.get("ONEDNN_PRIMITIVE_CACHE_CAPACITY")}))
+"""
+    found = _run(code)
+    assert found == {"kept": GLIBC, "capacity": "0"}
+
+
 def fragment_heap(megabytes: int) -> list:
     """Allocate ``megabytes`` of 2 KB malloc blocks and free all but every 64th: the freed blocks sit
     between live ones, where glibc cannot shrink the heap by itself. Returns the kept blocks."""
