@@ -38,22 +38,20 @@ print(json.dumps({"kept": kept, "faults": faults}))
 # set grows (oneDNN's primitive cache compiles and keeps primitives per shape).
 SHAPES = """
 import json, os
-from pipeline.heap import steady_teacher_memory
+from pipeline.heap import resident_mb, steady_teacher_memory
 steady_teacher_memory()
 import torch
 torch.set_num_threads(1)
-def rss():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 net = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, 2, 1), torch.nn.ReLU(), torch.nn.Conv2d(16, 32, 3, 2, 1),
                           torch.nn.ReLU(), torch.nn.Conv2d(32, 64, 3, 2, 1))
 with torch.inference_mode():
     net(torch.zeros(8, 3, 64, 64))
-    start = rss()
+    start = resident_mb()
     for h in range(64, 193, 16):
         for w in range(64, 193, 16):
             net(torch.zeros(8, 3, h, w))
-print(json.dumps({"growth_mb": rss() - start, "capacity": os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"]}))
+growth = resident_mb() - start
+print(json.dumps({"growth_mb": growth, "capacity": os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"]}))
 """
 
 
