@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import ray
 
 from shards.errors import SgaError
@@ -82,11 +83,12 @@ class TeacherActor:
     def ready(self) -> dict[str, str]:
         return {"name": self.teacher.name, "fingerprint": self.teacher.fingerprint}
 
-    def ground(self, batch: list[tuple]) -> list[list]:
-        """:func:`pipeline.labeler.ground_plain`: tuples in, ``(boxes, scores)`` tuples out."""
+    def ground(self, batch: list[tuple]) -> tuple[np.ndarray, ...]:
+        """:func:`pipeline.labeler.ground_plain` on ``(image, caption, spans)`` tuples, answered packed
+        (:func:`pack_answers`)."""
         start = time.perf_counter()
         try:
-            return ground_plain(self.teacher, batch)
+            return pack_answers(ground_plain(self.teacher, batch))
         finally:
             self.calls += 1
             self.heap.after_batch()
@@ -97,6 +99,37 @@ class TeacherActor:
         return {"busy_s": self.busy_s, "alive_s": time.perf_counter() - self.started, "calls": self.calls,
                 "samples": self.samples, "peak_rss_mb": peak_rss_mb(), "heap_trims": self.heap.trims,
                 "heap_kept": self.heap_kept, "pid": os.getpid()}
+
+
+def pack_answers(answers: list[list[tuple[np.ndarray, np.ndarray]]]) -> tuple[np.ndarray, ...]:
+    """A batch's answers (``[sample][phrase] -> (boxes [K, 4], scores [K])``) as four arrays for the trip
+    from a teacher actor: ``phrases`` int64 ``[S]`` (phrases per sample), ``counts`` int64 ``[P]`` (boxes per
+    phrase), ``boxes`` float32 ``[B, 4]``, ``scores`` float32 ``[B]`` (float32 is what the labels store).
+
+    Ray pickles every array of an answer separately, at both ends: for 16 samples of 3 phrases, packing cut
+    the caller's CPU per call from 1.2-1.4 to 0.7-0.8 ms and the round trip from 4.6-5.6 to 3.0-3.6 ms, time
+    the teacher's process spends between batches. A phrase whose boxes and scores disagree in length is a
+    ``ValueError`` here, so it fails its batch like any other teacher error.
+    """
+    phrases = [len(sample) for sample in answers]
+    flat = [(np.asarray(b, np.float32).reshape(-1, 4), np.asarray(s, np.float32).reshape(-1))
+            for sample in answers for b, s in sample]
+    if any(len(b) != len(s) for b, s in flat):
+        raise ValueError(f"teacher answered boxes and scores of different lengths: "
+                         f"{[(len(b), len(s)) for b, s in flat]}")
+    counts = np.asarray([len(s) for _, s in flat], np.int64)
+    boxes = np.concatenate([b for b, _ in flat]) if flat else np.zeros((0, 4), np.float32)
+    scores = np.concatenate([s for _, s in flat]) if flat else np.zeros(0, np.float32)
+    return np.asarray(phrases, np.int64), counts, boxes, scores
+
+
+def unpack_answers(packed: tuple[np.ndarray, ...]) -> list[list[tuple[np.ndarray, np.ndarray]]]:
+    """The inverse of :func:`pack_answers` (each phrase's arrays are views of the packed ones)."""
+    phrases, counts, boxes, scores = packed
+    ends = np.cumsum(counts).tolist()
+    pairs = [(boxes[end - n: end], scores[end - n: end]) for end, n in zip(ends, counts.tolist())]
+    starts = np.cumsum(phrases).tolist()
+    return [pairs[end - n: end] for end, n in zip(starts, phrases.tolist())]
 
 
 class RayTeacherClient:
@@ -111,7 +144,7 @@ class RayTeacherClient:
         return next(self._next).ground.remote(batch)
 
     def collect(self, token: Any) -> list[list]:
-        return ray.get(token)
+        return unpack_answers(ray.get(token))
 
 
 class ShardActor:

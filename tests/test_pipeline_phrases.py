@@ -90,9 +90,11 @@ def test_pos_memo_gives_exactly_the_ruler_s_chunks(extractor):
     assert memo is not None and memo.enabled
     memo.memo.clear()
     memo.hits = memo.misses = 0
+    extractor.memo.clear()                  # every caption parsed, none answered by the caption memo
     with_memo = extractor.extract(captions)
-    assert memo.hits > len(captions) // 2            # most docs are answered from memory
+    assert memo.hits > len(set(captions)) // 2        # most docs are answered from memory
     extractor.pos = None
+    extractor.memo.clear()
     try:
         with_ruler = extractor.extract(captions)
     finally:
@@ -113,7 +115,9 @@ def test_numpy_matmul_gives_blis_s_phrases(extractor):
              for node in proc.model.walk()]
     assert nodes and all(isinstance(n.ops, NumpyOps) and not n.ops.use_blis for n in nodes)
     captions = _world_captions(seed=11) + MIXED_CAPTIONS
+    extractor.memo.clear()
     with_numpy = extractor.extract(captions)
+    extractor.memo.clear()
     blis = NumpyOps(use_blis=True)
     saved = [node.ops for node in nodes]
     for node in nodes:
@@ -124,3 +128,37 @@ def test_numpy_matmul_gives_blis_s_phrases(extractor):
         for node, ops in zip(nodes, saved):
             node.ops = ops
     assert with_numpy == with_blis
+
+
+def test_caption_memo_answers_repeats_exactly_and_stays_bounded(extractor, monkeypatch):
+    """Repeated captions skip spaCy (within a call and across calls) with the phrases a parse gives; the
+    memo keeps only the most recently used ``MEMO_CAPTIONS`` captions."""
+    import pipeline.phrases as phrases
+
+    captions = _world_captions(seed=5, n=60) + MIXED_CAPTIONS          # MIXED_CAPTIONS repeats itself
+    parsed: list[str] = []
+    pipe = extractor.nlp.pipe
+
+    def counting(texts, **kwargs):
+        texts = list(texts)
+        parsed.extend(texts)
+        return pipe(texts, **kwargs)
+
+    extractor.memo.clear()
+    monkeypatch.setattr(extractor.nlp, "pipe", counting)
+    first = extractor.extract(captions)
+    assert sorted(parsed) == sorted(set(captions))                     # each distinct caption parsed once
+    parsed.clear()
+    assert extractor.extract(list(reversed(captions))) == first[::-1] and parsed == []
+    first[0].append((0, 1))                                            # callers get copies
+    assert extractor.extract(captions[:1])[0] != first[0]
+
+    fresh = PhraseExtractor(PhraseConfig(batch_size=4))                # no memory at all
+    assert fresh.extract(captions) == extractor.extract(captions)
+
+    monkeypatch.setattr(phrases, "MEMO_CAPTIONS", 10)
+    extractor.extract(captions[:30])
+    assert list(extractor.memo) == captions[20:30]                     # least recently used dropped
+    parsed.clear()
+    extractor.extract(captions[25:30] + captions[:2])
+    assert parsed == captions[:2]
