@@ -53,6 +53,27 @@ def check_key(key: str) -> str:
     return key
 
 
+# The constant fields of a plain member's ustar header as tarfile writes it (mode 0444, uid/gid 0, mtime
+# _MTIME, a regular file, no owner names): see _plain_header.
+_MODE_IDS = b"0000444\0" + b"0000000\0" * 2
+_MTIME_FIELD = b"%011o\0" % _MTIME
+_TAIL = b"0" + tarfile.NUL * 100 + tarfile.POSIX_MAGIC + tarfile.NUL * (tarfile.BLOCKSIZE - 265)
+_CHKSUM_BASE = sum(_MODE_IDS) + sum(_MTIME_FIELD) + sum(b" " * 8) + sum(_TAIL)
+
+
+def _plain_header(name: str, size: int) -> bytes | None:
+    """The 512-byte header ``tarfile`` writes for a member with a short ASCII name (the same bytes, a
+    tenth of the cost: its general path was half of a label tar's writing time), or None for names and
+    sizes that need tarfile's PAX records."""
+    if len(name) > 100 or not name.isascii() or size >= 8 ** 11:
+        return None
+    encoded = name.encode("ascii")
+    size_field = b"%011o\0" % size
+    chksum = _CHKSUM_BASE + sum(encoded) + sum(size_field)
+    return b"".join((encoded.ljust(100, tarfile.NUL), _MODE_IDS, size_field, _MTIME_FIELD,
+                     b"%06o\0 " % chksum, _TAIL))
+
+
 class TarShardWriter:
     """Write one shard atomically; use as a context manager.
 
@@ -91,11 +112,18 @@ class TarShardWriter:
         check_key(key)
         for ext in sorted(members):
             data = members[ext]
-            info = tarfile.TarInfo(f"{key}.{ext}")
-            info.size = len(data)
-            info.mtime = _MTIME
-            info.mode = 0o444
-            self._tar.addfile(info, io.BytesIO(data))
+            name = f"{key}.{ext}"
+            header = _plain_header(name, len(data))
+            if header is None:
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                info.mtime = _MTIME
+                info.mode = 0o444
+                self._tar.addfile(info, io.BytesIO(data))
+                continue
+            padding = -len(data) % tarfile.BLOCKSIZE
+            self._tar.fileobj.write(b"".join((header, data, tarfile.NUL * padding)))
+            self._tar.offset += len(header) + len(data) + padding     # where tarfile's end blocks align
         self.count += 1
 
     def __exit__(self, exc_type, exc, tb) -> bool:

@@ -40,6 +40,35 @@ def test_tar_round_trip_is_deterministic_and_keeps_pax(tmp_path):
     assert reader.pax_headers == {"sga.schema": "1"}
 
 
+@pytest.mark.parametrize("compress", [False, True])
+def test_writer_bytes_equal_tarfile_s_own(tmp_path, compress):
+    """Members with short ASCII names get a hand-built header; it must be tarfile's, byte for byte, and
+    names or sizes outside that path must still go through tarfile."""
+    import gzip
+
+    members = [("k0", {"labels.json": b"x" * 490}), ("k1", {"a": b"", "b": b"y" * 511, "c": b"z" * 512}),
+               ("k2", {"d" * 97: b"w" * 513}),                      # a 100-byte name: the longest plain one
+               ("k3", {"e" * 98: b"v"}),                            # 101 bytes: tarfile's PAX path
+               ("k4", {"caf\u00e9": b"u" * 7})]                     # non-ASCII: likewise
+    pax = {"sga.schema": "1"}
+    ours = tmp_path / ("ours.tar.gz" if compress else "ours.tar")
+    with TarShardWriter(str(ours), pax_headers=pax, gzip=compress) as w:
+        for key, sample in members:
+            w.write(key, sample)
+    ref = io.BytesIO()
+    stream = gzip.GzipFile(filename="", mode="wb", fileobj=ref, mtime=0, compresslevel=6) if compress else ref
+    with tarfile.open(fileobj=stream, mode="w|", format=tarfile.PAX_FORMAT, pax_headers=pax) as tar:
+        for key, sample in members:
+            for ext in sorted(sample):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size, info.mtime, info.mode = len(sample[ext]), 0, 0o444
+                tar.addfile(info, io.BytesIO(sample[ext]))
+    if compress:
+        stream.close()
+    assert ours.read_bytes() == ref.getvalue()
+    assert [(s.key, s.members) for s in iter_tar(str(ours))] == members
+
+
 def test_tar_is_a_plain_webdataset_shard(tmp_path):
     import webdataset as wds
 
