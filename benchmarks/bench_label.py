@@ -217,8 +217,9 @@ class _ShardWorkProcess:
                 if n:
                     self.samples.value += samples
                 self.ready.set()
-                shutil.rmtree(out)             # the phrase cache too: every pass parses its captions
-                out.mkdir()
+                shutil.rmtree(out)             # the phrase cache and the extractor's memory: every pass
+                out.mkdir()                    # parses its captions
+                extractor.memo.clear()
                 if self.done.is_set():
                     return
         finally:
