@@ -140,13 +140,13 @@ class _ReplayClient:
         self.answers, self.per_s = answers, per_s
         self.due = time.perf_counter()
 
-    def submit(self, batch: list):
-        return batch
+    def submit(self, batches: list):
+        return [sample for batch in batches for sample in batch]
 
-    def collect(self, batch: list) -> list:
-        self.due = max(self.due, time.perf_counter()) + len(batch) / self.per_s
+    def collect(self, samples: list) -> list:
+        self.due = max(self.due, time.perf_counter()) + len(samples) / self.per_s
         time.sleep(max(0.0, self.due - time.perf_counter()))
-        return [self.answers[_answer_key(caption, spans)] for _, caption, spans in batch]
+        return [self.answers[_answer_key(caption, spans)] for _, caption, spans in samples]
 
 
 def _replay_task(world_dir: Path, args, out: Path):

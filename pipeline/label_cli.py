@@ -61,8 +61,10 @@ def _add_label(subparsers) -> None:
     r.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs (and torch threads) per teacher")
     r.add_argument("--shard-workers", type=int, help="CPU actors that read, parse, match and write")
     r.add_argument("--cpus-per-shard-worker", type=float, default=1.0)
-    r.add_argument("--batch-size", type=int, default=16, help="samples per teacher call")
-    r.add_argument("--max-inflight", type=int, default=2, help="batches per shard worker at the teachers")
+    r.add_argument("--batch-size", type=int, default=16, help="samples per teacher batch")
+    r.add_argument("--batches-per-call", type=int, default=2,
+                   help="teacher batches per call to a teacher actor (each call costs Ray ~2 ms at each end)")
+    r.add_argument("--max-inflight", type=int, default=4, help="batches per shard worker at the teachers")
     r.add_argument("--decode", choices=("worker", "teacher"), default="worker",
                    help="where JPEGs are decoded: in the shard workers, which send pixels (default; the "
                         "teachers only run their model), or in the teachers, which then receive the ~10x "
@@ -86,9 +88,9 @@ def _label(args: argparse.Namespace) -> dict:
         teacher=args.teacher, gt=args.gt, address=args.address, num_cpus=args.num_cpus, workers=args.workers,
         gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker,
         shard_workers=args.shard_workers, cpus_per_shard_worker=args.cpus_per_shard_worker,
-        batch_size=args.batch_size, max_inflight=args.max_inflight, decode=args.decode,
-        score_floor=args.score_floor,
-        score_threshold=args.score_threshold, iou_threshold=args.iou_threshold, top_k=args.top_k,
+        batch_size=args.batch_size, max_inflight=args.max_inflight, batches_per_call=args.batches_per_call,
+        decode=args.decode, score_floor=args.score_floor, score_threshold=args.score_threshold,
+        iou_threshold=args.iou_threshold, top_k=args.top_k,
         device=args.device, validation=ValidationConfig(max_caption_chars=args.max_caption_chars),
         show_progress=not args.json,
     )

@@ -9,9 +9,10 @@ boxes to the regions (``pipeline.matching``) and writes, in this order and each 
 2. ``LABELSET/NNNNN.parquet`` the manifest, one row per input sample (``ok`` or ``error`` + stage + reason);
 3. ``LABELSET/NNNNN_stats.json`` the completion marker with the shard's counts.
 
-At most ``max_inflight`` batches of one shard are with the teacher at a time: while the teacher works on
-them, this worker decodes and extracts phrases for the next batch and matches and writes the previous one,
-so the teacher is not left idle and memory stays bounded whatever the shard size.
+At most ``max_inflight`` batches of one shard are with the teacher at a time, ``batches_per_call`` per call
+(a call costs ~2 ms of Ray's time at each end whatever its size): while the teacher works on them, this
+worker decodes and extracts phrases for the next batches and matches and writes the previous ones, so the
+teacher is not left idle and memory stays bounded whatever the shard size.
 
 Between shards the teacher would idle while a shard's last batches come back and its files are written,
 and until the next shard's first batch is read, decoded and parsed (~0.1 s a shard, 4 % of a job of
@@ -66,14 +67,15 @@ DECODE = ("worker", "teacher")
 
 
 class TeacherClient(Protocol):
-    """Where batches of ``(image bytes, caption, spans)`` tuples go: ``submit`` hands one over and returns a
-    token, ``collect`` waits for its answer (``[sample][phrase] -> (boxes, scores)``, see
-    :func:`ground_plain`) or raises the teacher's error. ``local_cpu_s`` is teacher CPU time spent in the
-    calling thread (0 when the teacher runs elsewhere)."""
+    """Where batches of ``(image, caption, spans)`` tuples go: ``submit`` hands over one call's batches (each
+    grounded as one teacher batch) and returns a token, ``collect`` waits for the answers of every sample of
+    the call in order (``[sample][phrase] -> (boxes, scores)``, see :func:`ground_plain`) or raises the
+    teacher's error. ``local_cpu_s`` is teacher CPU time spent in the calling thread (0 when the teacher runs
+    elsewhere)."""
 
     local_cpu_s: float
 
-    def submit(self, batch: list) -> Any: ...
+    def submit(self, batches: list[list]) -> Any: ...
 
     def collect(self, token: Any) -> list[list]: ...
 
@@ -85,13 +87,13 @@ class LocalTeacherClient:
         self.teacher = teacher
         self.local_cpu_s = 0.0
 
-    def submit(self, batch: list) -> Any:
-        return batch
+    def submit(self, batches: list[list]) -> Any:
+        return batches
 
     def collect(self, token: Any) -> list[list]:
         start = time.thread_time()
         try:
-            return ground_plain(self.teacher, token)
+            return [answer for batch in token for answer in ground_plain(self.teacher, batch)]
         finally:
             self.local_cpu_s += time.thread_time() - start
 
@@ -107,7 +109,8 @@ class ShardTask:
     gt_uri: str | None = None         # the world's hidden truth, for precision/recall
     feature_dim: int | None = None    # from regions.json; samples with another width are rejected
     batch_size: int = 16
-    max_inflight: int = 2
+    max_inflight: int = 4             # teacher batches of a shard at the teacher at once
+    batches_per_call: int = 2         # teacher batches per call: each call costs ~2 ms of Ray at both ends
     decode: str = "worker"            # where JPEGs become pixels: "worker" (here) or "teacher" (see DECODE)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
 
@@ -144,7 +147,8 @@ class _ShardRun:
         self.truth = read_ground_truth(task.gt_uri, shard) if gt_file and fs.exists(gt_file) else None
         self.on_progress = on_progress or (lambda n: None)
         self.rows: list[tuple[int, ManifestRow]] = []
-        self.pending: deque[tuple[Any, list[_Sample]]] = deque()
+        self.pending: deque[tuple[Any, list[_Sample], int]] = deque()   # token, samples, batches
+        self.inflight = 0           # teacher batches in ``pending``
         self.counts = dict.fromkeys(("phrases", "positives", "regions", "grounded", "teacher_errors",
                                      "tp", "fp", "fn"), 0)
         self.teacher_wait = 0.0
@@ -174,15 +178,19 @@ class _ShardRun:
         return _Sample(index, item.key, caption, sent, width, height, regions)
 
     def submit(self, chunk: list[_Sample]) -> None:
-        """Phrases for a chunk of samples in one spaCy call, then its teacher batches, keeping at most
-        ``max_inflight`` batches at the teacher (finishing the oldest while over)."""
+        """Phrases for a chunk of samples in one spaCy call, then its teacher batches (``batch_size``
+        samples, less those without phrases), ``batches_per_call`` to a call, keeping at most
+        ``max_inflight`` batches at the teacher (finishing the oldest calls while over)."""
         for sample, spans in zip(chunk, self.cache.get([(s.key, s.caption) for s in chunk])):
             sample.spans = spans
-        for i in range(0, len(chunk), self.task.batch_size):
-            batch = chunk[i: i + self.task.batch_size]
-            inputs = _inputs([s for s in batch if s.spans])
-            self.pending.append((self.client.submit(inputs) if inputs else None, batch))
-            while len(self.pending) > self.task.max_inflight:
+        size = self.task.batch_size
+        for i in range(0, len(chunk), size * self.task.batches_per_call):
+            samples = chunk[i: i + size * self.task.batches_per_call]
+            batches = [b for b in (_inputs([s for s in samples[j: j + size] if s.spans])
+                                   for j in range(0, len(samples), size)) if b]
+            self.pending.append((self.client.submit(batches) if batches else None, samples, len(batches)))
+            self.inflight += len(batches)
+            while self.inflight > self.task.max_inflight:
                 self.finish(*self.pending.popleft())
 
     def ground(self, token: Any, grounded: list[_Sample]) -> list[list | SampleError]:
@@ -195,13 +203,16 @@ class _ShardRun:
             answers = []
             for s in grounded:
                 try:
-                    answers.append(_checked(self.client.collect(self.client.submit(_inputs([s]))), [s])[0])
+                    answers.append(_checked(self.client.collect(self.client.submit([_inputs([s])])),
+                                            [s])[0])
                 except Exception as exc:  # the boundary where a teacher crash becomes an error row
                     answers.append(SampleError(s.key, "teacher", f"teacher failed: {exc!r}"[:500]))
         self.teacher_wait += time.perf_counter() - start
         return answers
 
-    def finish(self, token: Any, batch: list[_Sample]) -> None:
+    def finish(self, token: Any, batch: list[_Sample], batches: int = 0) -> None:
+        """Match, write and count the samples of one call (``batches`` teacher batches) once answered."""
+        self.inflight -= batches
         grounded = [s for s in batch if s.spans]
         answers = iter(self.ground(token, grounded) if token is not None else [])
         info = self.task.info
@@ -279,8 +290,8 @@ def _checked(answers: list[list], samples: Sequence[_Sample]) -> list[list]:
 
 
 def _read_and_submit(task: ShardTask, shard: str, run: _ShardRun) -> None:
-    """Every sample of the shard prepared and its batches submitted (the oldest finished while over
-    ``max_inflight``); the last ``max_inflight`` batches are left pending."""
+    """Every sample of the shard prepared and its batches submitted (the oldest calls finished while over
+    ``max_inflight`` batches); the last calls, at most ``max_inflight`` batches, are left pending."""
     # spaCy is ~1.5x faster per caption in batches of 64 than of 4 (256 gains only another 1.1x, and
     # preparing 256 samples outlasts the teacher's in-flight batches, idling it: job/teacher 0.78), and
     # the first chunk is one teacher batch, so the teacher gets work from a new shard quickly. Whole

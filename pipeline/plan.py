@@ -49,7 +49,8 @@ class LabelJobConfig:
     shard_workers: int | None = None      # CPU actors reading, extracting phrases, matching, writing
     cpus_per_shard_worker: float = 1.0
     batch_size: int = 16
-    max_inflight: int = 2                 # batches per shard worker queued at the teachers
+    max_inflight: int = 4                 # batches per shard worker queued at the teachers
+    batches_per_call: int = 2             # teacher batches per call to a teacher actor
     decode: str = "worker"                # where images are decoded (pipeline.labeler.DECODE)
     score_floor: float = 0.05
     score_threshold: float = 0.1          # best F1 of the tiny teacher's M on a held-out world
@@ -168,8 +169,8 @@ def check_job(config: LabelJobConfig) -> CheckedInputs:
     if not (0 <= config.score_floor <= config.score_threshold <= 1):
         raise SgaError(f"need 0 <= --score-floor ({config.score_floor}) <= --score-threshold "
                        f"({config.score_threshold}) <= 1")
-    if config.batch_size < 1 or config.max_inflight < 1:
-        raise SgaError("--batch-size and --max-inflight must be >= 1")
+    if min(config.batch_size, config.max_inflight, config.batches_per_call) < 1:
+        raise SgaError("--batch-size, --max-inflight and --batches-per-call must be >= 1")
     if config.decode not in DECODE:
         raise SgaError(f"--decode {config.decode!r}: choose {' or '.join(DECODE)}")
     check_teacher_spec(config.teacher)
@@ -197,7 +198,8 @@ def plan_job(config: LabelJobConfig, checked: CheckedInputs, teacher_name: str,
     check_same_inputs(uri, config)
     task = ShardTask(images_uri=config.images, regions_uri=config.regions, labels_root=config.out, info=info,
                      gt_uri=config.gt, feature_dim=checked.feature_dim, batch_size=config.batch_size,
-                     max_inflight=config.max_inflight, decode=config.decode, validation=config.validation)
+                     max_inflight=config.max_inflight, batches_per_call=config.batches_per_call,
+                     decode=config.decode, validation=config.validation)
     clean_partial(task)
     fs.write_json(fs.join(uri, JOB_NAME), {
         "images": config.images, "regions": config.regions, "gt": config.gt, "shards": checked.shards,

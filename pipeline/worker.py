@@ -5,7 +5,8 @@
   busy the teachers were. Its process keeps its heap between batches and runs oneDNN without a primitive
   cache (``pipeline.heap``: a fresh process spent 10-15 % of the teacher's time faulting memory back in).
 - :class:`ShardActor` holds the spaCy pipeline and runs :func:`pipeline.labeler.label_shard` for one shard
-  per call, sending its batches round-robin to the teacher actors, at most ``max_inflight`` at a time. It
+  per call, sending its batches round-robin to the teacher actors (``batches_per_call`` per actor call), at
+  most ``max_inflight`` at a time. It
   runs ``SHARDS_IN_FLIGHT`` calls in threads, one reading and submitting at a time (``prep_lock``), so the
   next shard feeds the teachers while the last one drains and writes its files.
 - :class:`ProgressActor` counts finished samples for the driver's progress bar.
@@ -83,17 +84,17 @@ class TeacherActor:
     def ready(self) -> dict[str, str]:
         return {"name": self.teacher.name, "fingerprint": self.teacher.fingerprint}
 
-    def ground(self, batch: list[tuple]) -> tuple[np.ndarray, ...]:
-        """:func:`pipeline.labeler.ground_plain` on ``(image, caption, spans)`` tuples, answered packed
-        (:func:`pack_answers`)."""
+    def ground(self, batches: list[list[tuple]]) -> tuple[np.ndarray, ...]:
+        """:func:`pipeline.labeler.ground_plain` on each batch of ``(image, caption, spans)`` tuples, the
+        answers of all of them packed (:func:`pack_answers`)."""
         start = time.perf_counter()
         try:
-            return pack_answers(ground_plain(self.teacher, batch))
+            return pack_answers([answer for batch in batches for answer in ground_plain(self.teacher, batch)])
         finally:
             self.calls += 1
             self.heap.after_batch()
             self.busy_s += time.perf_counter() - start
-            self.samples += len(batch)
+            self.samples += sum(len(batch) for batch in batches)
 
     def stats(self) -> dict[str, Any]:
         return {"busy_s": self.busy_s, "alive_s": time.perf_counter() - self.started, "calls": self.calls,
@@ -133,15 +134,16 @@ def unpack_answers(packed: tuple[np.ndarray, ...]) -> list[list[tuple[np.ndarray
 
 
 class RayTeacherClient:
-    """Sends batches round-robin over teacher actors; ``collect`` is ``ray.get`` of the answer."""
+    """Sends calls round-robin over teacher actors; ``collect`` is ``ray.get`` of the packed answers,
+    unpacked."""
 
     local_cpu_s = 0.0
 
     def __init__(self, teachers: list, offset: int = 0):
         self._next = itertools.cycle(teachers[offset % len(teachers):] + teachers[:offset % len(teachers)])
 
-    def submit(self, batch: list) -> Any:
-        return next(self._next).ground.remote(batch)
+    def submit(self, batches: list[list]) -> Any:
+        return next(self._next).ground.remote(batches)
 
     def collect(self, token: Any) -> list[list]:
         return unpack_answers(ray.get(token))

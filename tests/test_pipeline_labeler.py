@@ -96,11 +96,11 @@ class FailingClient:
     def local_cpu_s(self):
         return self.inner.local_cpu_s
 
-    def submit(self, batch):
-        return batch
+    def submit(self, batches):
+        return batches
 
     def collect(self, token):
-        if self.everything or any(self.poison in caption for _, caption, _ in token):
+        if self.everything or any(self.poison in caption for batch in token for _, caption, _ in batch):
             raise RuntimeError("teacher crashed")
         return self.inner.collect(token)
 
@@ -128,6 +128,36 @@ def test_teacher_failure_costs_only_the_failing_sample(tmp_path, teacher, extrac
         label_shard(task, "00000", extractor, FailingClient(teacher, "", everything=True))
     assert read_marker(task.labelset_uri, "00000") is None
     assert not fs.exists(fs.join(task.labelset_uri, "00000.tar.gz"))
+
+
+def test_batches_per_call_changes_the_calls_not_the_labels(tmp_path, teacher, extractor):
+    """Several teacher batches travel in one call, each still grounded as its own batch: the same bytes
+    whatever the grouping, and fewer calls."""
+    import dataclasses
+
+    from pipeline.labeler import LocalTeacherClient, label_shard
+
+    class Counting(LocalTeacherClient):
+        def submit(self, batches):
+            self.calls.append([len(b) for b in batches])
+            return super().submit(batches)
+
+    world = make_world(tmp_path / "world", samples=30, per_shard=30)
+    base = make_task(world / "images", world / "regions", tmp_path / "one", teacher, extractor, batch_size=3,
+                     max_inflight=1, batches_per_call=1)
+    tars, calls = [], []
+    for per_call, inflight in ((1, 1), (3, 4), (2, 2)):
+        task = dataclasses.replace(base, labels_root=str(tmp_path / f"per{per_call}"),
+                                   batches_per_call=per_call, max_inflight=inflight)
+        client = Counting(teacher)
+        client.calls = []
+        label_shard(task, "00000", extractor, client)
+        tars.append(fs.read_bytes(fs.join(task.labelset_uri, "00000.tar.gz")))
+        calls.append(client.calls)
+    assert tars[0] == tars[1] == tars[2]
+    assert all(len(c) == 1 for c in calls[0]) and max(len(c) for c in calls[1]) == 3
+    assert [n for c in calls[0] for n in c] == [n for c in calls[1] for n in c]     # the same teacher batches
+    assert len(calls[1]) < len(calls[2]) < len(calls[0])
 
 
 def test_labels_are_deterministic_and_phrases_are_cached_across_teachers(tmp_path, teacher, extractor):
@@ -243,9 +273,9 @@ def test_shards_labelled_in_two_threads_overlap_only_outside_the_prep_lock(tmp_p
     inside, most = [0], [0]
 
     class Recording(LocalTeacherClient):
-        def submit(self, batch):
+        def submit(self, batches):
             events.append((threading.current_thread().name, "submit"))
-            return super().submit(batch)
+            return super().submit(batches)
 
         def collect(self, token):
             answer = super().collect(token)
