@@ -1,6 +1,11 @@
-"""The teacher actor's packed answers: one tuple of four arrays per batch instead of two arrays per phrase."""
+"""Actor plumbing: the teacher actor's packed answers, the shard worker's frozen start-up objects."""
 
 from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -29,3 +34,21 @@ def test_packed_answers_unpack_to_the_same_boxes_and_scores():
 def test_boxes_and_scores_of_different_lengths_fail_the_batch():
     with pytest.raises(ValueError, match="different lengths"):
         pack_answers([[(np.zeros((2, 4)), np.zeros(3))]])
+
+
+def test_shard_worker_freezes_what_it_loaded_so_full_collections_skip_it():
+    """A fresh interpreter builds a shard worker (without teachers or Ray) and reports the objects frozen
+    out of the garbage collector's reach, and whether a full collection still sees them."""
+    code = """
+import gc, json
+from pipeline import worker
+from pipeline.phrases import PhraseConfig
+worker.RayTeacherClient = lambda teachers, offset: None    # no teacher actors to find
+worker.ShardActor(PhraseConfig(), [], 1, 0)
+print(json.dumps({"frozen": gc.get_freeze_count(), "tracked": len(gc.get_objects())}))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    counts = json.loads(done.stdout.strip().splitlines()[-1])
+    assert counts["frozen"] > 50_000 and counts["tracked"] < counts["frozen"] / 10
