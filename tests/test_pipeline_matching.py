@@ -12,7 +12,7 @@ from pipeline.matching import (
     phrase_labels,
     read_ground_truth,
     score_alignment,
-    span_overlap,
+    span_iou,
 )
 from shards.boxes import box_area, box_iou
 from shards.labels import alignment_matrix
@@ -40,9 +40,10 @@ def test_phrase_labels_clean_the_teachers_boxes():
     np.testing.assert_array_equal(align[1], [False, True, False])
 
 
-def test_span_overlap_is_interval_iou():
-    ov = span_overlap([(0, 10), (20, 25)], [(0, 5), (0, 10), (30, 40)])
-    np.testing.assert_allclose(ov, [[0.5, 1.0, 0.0], [0.0, 0.0, 0.0]])
+def test_span_iou_is_interval_iou():
+    ov = [[span_iou(a, b) for b in [(0, 5), (0, 10), (30, 40)]] for a in [(0, 10), (20, 25)]]
+    assert ov == [[0.5, 1.0, 0.0], [0.0, 0.0, 0.0]]
+    assert span_iou((3, 7), (5, 11)) == 2 / 8 and span_iou((4, 4), (4, 4)) == 0.0
 
 
 def test_score_alignment_counts_cells_against_the_truth():
