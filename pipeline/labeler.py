@@ -210,13 +210,13 @@ class _ShardRun:
         self.teacher_wait += time.perf_counter() - start
         return answers
 
-    def finish(self, token: Any, batch: list[_Sample], batches: int = 0) -> None:
+    def finish(self, token: Any, samples: list[_Sample], batches: int) -> None:
         """Match, write and count the samples of one call (``batches`` teacher batches) once answered."""
         self.inflight -= batches
-        grounded = [s for s in batch if s.spans]
+        grounded = [s for s in samples if s.spans]
         answers = iter(self.ground(token, grounded) if token is not None else [])
         info = self.task.info
-        for s in batch:
+        for s in samples:
             found = next(answers) if s.spans else []
             if isinstance(found, SampleError):
                 self.counts["teacher_errors"] += 1
@@ -246,7 +246,7 @@ class _ShardRun:
                 self.counts["tp"] += tp
                 self.counts["fp"] += fp
                 self.counts["fn"] += fn
-        self.report(len(batch))
+        self.report(len(samples))
 
     def report(self, n: int, final: bool = False) -> None:
         """Count ``n`` finished samples; pass them on at most every ``PROGRESS_S`` seconds (and when

@@ -6,9 +6,9 @@
   cache (``pipeline.heap``: a fresh process spent 10-15 % of the teacher's time faulting memory back in).
 - :class:`ShardActor` holds the spaCy pipeline and runs :func:`pipeline.labeler.label_shard` for one shard
   per call, sending its batches round-robin to the teacher actors (``batches_per_call`` per actor call), at
-  most ``max_inflight`` at a time. It
-  runs ``SHARDS_IN_FLIGHT`` calls in threads, one reading and submitting at a time (``prep_lock``), so the
-  next shard feeds the teachers while the last one drains and writes its files.
+  most ``max_inflight`` at a time. It runs ``SHARDS_IN_FLIGHT`` calls in threads, one reading and submitting
+  at a time (``prep_lock``), so the next shard feeds the teachers while the last one drains and writes its
+  files.
 - :class:`ProgressActor` counts finished samples for the driver's progress bar.
 
 Both kinds of actors restart when their process or node dies (``max_restarts=-1``); a call in flight is
@@ -104,7 +104,7 @@ class TeacherActor:
 
 
 def pack_answers(answers: list[list[tuple[np.ndarray, np.ndarray]]]) -> tuple[np.ndarray, ...]:
-    """A batch's answers (``[sample][phrase] -> (boxes [K, 4], scores [K])``) as four arrays for the trip
+    """A call's answers (``[sample][phrase] -> (boxes [K, 4], scores [K])``) as four arrays for the trip
     from a teacher actor: ``phrases`` int64 ``[S]`` (phrases per sample), ``counts`` int64 ``[P]`` (boxes per
     phrase), ``boxes`` float32 ``[B, 4]``, ``scores`` float32 ``[B]`` (float32 is what the labels store).
 
@@ -130,8 +130,8 @@ def unpack_answers(packed: tuple[np.ndarray, ...]) -> list[list[tuple[np.ndarray
     phrases, counts, boxes, scores = packed
     ends = np.cumsum(counts).tolist()
     pairs = [(boxes[end - n: end], scores[end - n: end]) for end, n in zip(ends, counts.tolist())]
-    starts = np.cumsum(phrases).tolist()
-    return [pairs[end - n: end] for end, n in zip(starts, phrases.tolist())]
+    sample_ends = np.cumsum(phrases).tolist()
+    return [pairs[end - n: end] for end, n in zip(sample_ends, phrases.tolist())]
 
 
 class RayTeacherClient:
