@@ -62,6 +62,19 @@ def test_score_alignment_counts_cells_against_the_truth():
     assert score_alignment([], np.zeros((0, 3), bool), gt, REGIONS, 0.5) == (0, 0, 2)
 
 
+def test_spans_pair_one_to_one_best_first_ties_in_order():
+    boxes = [np.array([[0, 0, 10, 10]], np.float32), np.array([[20, 20, 40, 40]], np.float32)]
+    twins = GroundTruth(spans=[(0, 10), (0, 10)], boxes=boxes, visible=[True, True])      # regions 0 and 1
+    # One phrase, two equally good true partners: the first one wins; the other's true cell is missed.
+    assert score_alignment([(0, 10)], np.array([[1, 0, 0]], bool), twins, REGIONS, 0.5) == (1, 0, 1)
+    # Two phrases after one true phrase: the better overlap (1.0 over 0.9) takes it, the other is unpaired.
+    one = GroundTruth(spans=[(0, 10)], boxes=boxes[:1], visible=[True])
+    align = np.array([[1, 0, 0], [1, 0, 0]], bool)
+    assert score_alignment([(0, 9), (0, 10)], align, one, REGIONS, 0.5) == (1, 1, 0)
+    # Below the span overlap threshold nothing pairs.
+    assert score_alignment([(0, 4)], np.array([[1, 0, 0]], bool), one, REGIONS, 0.5) == (0, 1, 1)
+
+
 def test_read_ground_truth_of_a_world(tmp_path):
     from pipeline_fixtures import make_world
 
