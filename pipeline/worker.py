@@ -1,7 +1,7 @@
 """Ray actors of the labeling job: teachers that load their weights once, and shard workers that feed them.
 
 - :class:`TeacherActor` holds one teacher (one per GPU, or per CPU slot) for the whole job and answers
-  ``ground(batch)`` calls; it counts the seconds it spends inside the teacher so the driver can report how
+  ``ground(batches)`` calls; it counts the seconds it spends inside the teacher so the driver can report how
   busy the teachers were. Its process keeps its heap between batches and runs oneDNN without a primitive
   cache (``pipeline.heap``: a fresh process spent 10-15 % of the teacher's time faulting memory back in).
 - :class:`ShardActor` holds the spaCy pipeline and runs :func:`pipeline.labeler.label_shard` for one shard
