@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -17,6 +20,18 @@ from shards.labels import iter_label_shard
 from shards.manifest import read_manifest, read_marker
 from shards.regions import RegionRecord, RegionShardWriter, write_regions_info
 from shards.tario import TarShardWriter
+
+
+def run_fresh(code: str, *args: str, **env: str) -> dict:
+    """Run ``code`` in a fresh interpreter (one BLAS/OpenMP thread, ``env`` added, the user's
+    ``ONEDNN_PRIMITIVE_CACHE_CAPACITY`` removed so library defaults are in force) and return the JSON
+    object its last line of output prints."""
+    environ = {k: v for k, v in os.environ.items() if k != "ONEDNN_PRIMITIVE_CACHE_CAPACITY"}
+    environ.update(OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", **env)
+    done = subprocess.run([sys.executable, "-c", code, *args], env=environ, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def make_world(root: Path, samples: int, per_shard: int, seed: int = 0) -> Path:

@@ -3,13 +3,10 @@ where glibc's and oneDNN's defaults are still in force."""
 
 from __future__ import annotations
 
-import json
-import os
 import platform
-import subprocess
-import sys
 
 import pytest
+from pipeline_fixtures import run_fresh
 
 GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 
@@ -55,17 +52,8 @@ print(json.dumps({"growth_mb": growth, "capacity": os.environ["ONEDNN_PRIMITIVE_
 """
 
 
-def _run(code: str, *args: str, **env: str) -> dict:
-    environ = {k: v for k, v in os.environ.items() if k != "ONEDNN_PRIMITIVE_CACHE_CAPACITY"}
-    environ.update(OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", **env)
-    done = subprocess.run([sys.executable, "-c", code, *args], env=environ, capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
 def test_kept_heap_serves_the_next_batch_without_page_faults():
-    default, kept = _run(BATCHES, "default"), _run(BATCHES, "kept")
+    default, kept = run_fresh(BATCHES, "default"), run_fresh(BATCHES, "kept")
     if not GLIBC:
         assert kept["kept"] is False
         return
@@ -78,8 +66,8 @@ def test_kept_heap_serves_the_next_batch_without_page_faults():
 
 @pytest.mark.skipif(platform.system() != "Linux", reason="reads /proc/self/statm")
 def test_teacher_memory_stays_flat_over_new_input_sizes_unless_the_user_sets_the_onednn_cache():
-    steady = _run(SHAPES)
-    cached = _run(SHAPES, ONEDNN_PRIMITIVE_CACHE_CAPACITY="1024")   # a user's setting is left alone
+    steady = run_fresh(SHAPES)
+    cached = run_fresh(SHAPES, ONEDNN_PRIMITIVE_CACHE_CAPACITY="1024")   # a user's setting is left alone
     assert steady["capacity"] == "0" and cached["capacity"] == "1024"
     # Here: +133 MB with the cache, +22 MB without it (glibc's heap settling).
     assert cached["growth_mb"] > steady["growth_mb"] + 40, (steady, cached)
@@ -95,7 +83,7 @@ actor = TeacherActor(TeacherSpec("tiny", "cpu", 0.05, 10), 1)
 print(json.dumps({"kept": actor.stats()["heap_kept"],
                   "capacity": os.environ.get("ONEDNN_PRIMITIVE_CACHE_CAPACITY")}))
 """
-    found = _run(code)
+    found = run_fresh(code)
     assert found == {"kept": GLIBC, "capacity": "0"}
 
 

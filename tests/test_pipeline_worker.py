@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import numpy as np
 import pytest
+from pipeline_fixtures import run_fresh
 
 from pipeline.worker import pack_answers, unpack_answers
 
@@ -47,8 +43,5 @@ worker.RayTeacherClient = lambda teachers, offset: None    # no teacher actors t
 worker.ShardActor(PhraseConfig(), [], 1, 0)
 print(json.dumps({"frozen": gc.get_freeze_count(), "tracked": len(gc.get_objects())}))
 """
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"})
-    assert done.returncode == 0, done.stderr[-2000:]
-    counts = json.loads(done.stdout.strip().splitlines()[-1])
+    counts = run_fresh(code)
     assert counts["frozen"] > 50_000 and counts["tracked"] < counts["frozen"] / 10
