@@ -32,7 +32,6 @@ import argparse
 import itertools
 import json
 import os
-import resource
 import shutil
 import statistics
 import sys
@@ -247,6 +246,7 @@ def label_payload_bytes(labelset: str) -> tuple[int, int]:
 
 
 def whole_job(world_dir: Path, out: Path, args) -> dict:
+    from pipeline.heap import peak_rss_mb
     from pipeline.job import run_label_job
     from pipeline.plan import LabelJobConfig
 
@@ -259,7 +259,7 @@ def whole_job(world_dir: Path, out: Path, args) -> dict:
     summary = run_label_job(config)
     payload, labelled = label_payload_bytes(summary["labels"])
     summary["payload_bytes_per_sample"] = payload / max(labelled, 1)
-    summary["driver_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    summary["driver_peak_rss_mb"] = peak_rss_mb()
     return summary
 
 

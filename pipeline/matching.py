@@ -121,9 +121,9 @@ def _pair_spans(a: Sequence[Span], b: Sequence[Span], threshold: float) -> list[
         for j, span_b in enumerate(b):
             overlap = span_iou(span_a, span_b)
             if overlap >= threshold:
-                scored.append((-overlap, i * len(b) + j, i, j))
+                scored.append((-overlap, i, j))      # ties sort by (i, j): row-major
     pairs, used_a, used_b = [], set(), set()
-    for _, _, i, j in sorted(scored):
+    for _, i, j in sorted(scored):
         if i not in used_a and j not in used_b:
             used_a.add(i)
             used_b.add(j)
