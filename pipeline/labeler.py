@@ -148,7 +148,6 @@ class _ShardRun:
         self.on_progress = on_progress or (lambda n: None)
         self.rows: list[tuple[int, ManifestRow]] = []
         self.pending: deque[tuple[Any, list[_Sample], int]] = deque()   # token, samples, batches
-        self.inflight = 0           # teacher batches in ``pending``
         self.counts = dict.fromkeys(("phrases", "positives", "regions", "grounded", "teacher_errors",
                                      "tp", "fp", "fn"), 0)
         self.teacher_wait = 0.0
@@ -189,9 +188,8 @@ class _ShardRun:
             batches = [b for b in (_inputs([s for s in samples[j: j + size] if s.spans])
                                    for j in range(0, len(samples), size)) if b]
             self.pending.append((self.client.submit(batches) if batches else None, samples, len(batches)))
-            self.inflight += len(batches)
-            while self.inflight > self.task.max_inflight:
-                self.finish(*self.pending.popleft())
+            while sum(n for _, _, n in self.pending) > self.task.max_inflight:
+                self.finish_oldest()
 
     def ground(self, token: Any, grounded: list[_Sample]) -> list[list | SampleError]:
         """The teacher's answer per grounded sample; on a failed batch, each sample alone, so one bad sample
@@ -210,9 +208,9 @@ class _ShardRun:
         self.teacher_wait += time.perf_counter() - start
         return answers
 
-    def finish(self, token: Any, samples: list[_Sample], batches: int) -> None:
-        """Match, write and count the samples of one call (``batches`` teacher batches) once answered."""
-        self.inflight -= batches
+    def finish_oldest(self) -> None:
+        """Match, write and count the samples of the oldest pending call once it is answered."""
+        token, samples, _ = self.pending.popleft()
         grounded = [s for s in samples if s.spans]
         answers = iter(self.ground(token, grounded) if token is not None else [])
         info = self.task.info
@@ -334,7 +332,7 @@ def label_shard(task: ShardTask, shard: str, extractor: PhraseExtractor, client:
         with prep_lock or nullcontext():
             _read_and_submit(task, shard, run)
         while run.pending:
-            run.finish(*run.pending.popleft())
+            run.finish_oldest()
         failed, tried = run.counts["teacher_errors"], run.counts["teacher_errors"] + run.counts["grounded"]
         if tried >= 2 and failed == tried:
             raise TeacherFailure(f"shard {shard}: the teacher failed on all {tried} samples it was given; "
