@@ -304,7 +304,10 @@ def summarise(rounds: list[dict], beside_10n: dict, args) -> dict:
     ratio_10n = per_round(lambda r: r["job_10n"]["samples_per_s"] / r["alone_10n"]["samples_per_s"])
     rss_ratio = per_round(lambda r: actors(r["job_10n"]) / actors(r["job_n"]))
     last = rounds[-1]
-    alone_10n_ms = med(lambda r: 1000 * r["alone_10n"]["seconds"] / r["alone_10n"]["grounded"])
+    def teacher_ms(kind: str) -> float:
+        """Median teacher ms per grounded sample: alone (its pass's seconds) or in the job (busy seconds)."""
+        key = "seconds" if kind.startswith("alone") else "teacher_busy_s"
+        return med(lambda r: 1000 * r[kind][key] / r[kind]["grounded"])
     return {
         "teacher": last["job_n"]["teacher"], "samples": args.samples, "scale": args.scale,
         "rounds": len(rounds),
@@ -328,9 +331,10 @@ def summarise(rounds: list[dict], beside_10n: dict, args) -> dict:
         "teacher_busy_fraction_10n": med(lambda r: r["job_10n"]["teacher_busy_fraction"]),
         # The ratio's two factors: idle teacher (busy fraction) and a slower teacher (per-sample time in the
         # job's actor against alone).
-        "teacher_ms_per_grounded_sample_alone_10n": alone_10n_ms,
-        "teacher_ms_per_grounded_sample_job_10n":
-            med(lambda r: 1000 * r["job_10n"]["teacher_busy_s"] / r["job_10n"]["grounded"]),
+        "teacher_ms_per_grounded_sample_alone": teacher_ms("alone_n"),
+        "teacher_ms_per_grounded_sample_job": teacher_ms("job_n"),
+        "teacher_ms_per_grounded_sample_alone_10n": teacher_ms("alone_10n"),
+        "teacher_ms_per_grounded_sample_job_10n": teacher_ms("job_10n"),
         # What sharing the cores costs the teacher: alone, but with the job's shard work looping beside it.
         "teacher_ms_per_grounded_sample_beside_shard_work_10n":
             1000 * beside_10n["seconds"] / beside_10n["grounded"],
