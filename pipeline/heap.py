@@ -22,16 +22,18 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 import resource
 
-TRIM_SLACK = 0.1   # trim once the resident set exceeds its first batches' by this much (HeapTrimmer)
+TRIM_SLACK = 0.1   # trim once the resident set exceeds its first calls' by this much (HeapTrimmer)
 # mallopt(3) parameters; glibc raises the mmap threshold by itself up to 4 MB x sizeof(long) (32 MB on 64-bit
 # systems) and keeps the trim threshold at twice it.
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 MMAP_THRESHOLD_MAX = 4 * 1024 * 1024 * ctypes.sizeof(ctypes.c_long)
 
 
+@functools.cache
 def _libc():
     """glibc's C library, or None where there is none (musl, macOS, Windows)."""
     name = ctypes.util.find_library("c")
@@ -84,16 +86,16 @@ def peak_rss_mb() -> float:
 
 
 class HeapTrimmer:
-    """Trims the heap when the resident set outgrows its first batches' by ``slack``, at most once per
-    ``cooldown`` batches.
+    """Trims the heap when the resident set outgrows its first calls' by ``slack``, at most once per
+    ``cooldown`` calls (:meth:`after_call`; a teacher actor's call grounds one or more batches).
 
     With :func:`steady_teacher_memory` the tiny teacher's resident set is nearly flat from its first batch,
     and this seldom fires (no trim in most 2,500-sample jobs, 2 in one); it guards long jobs against a heap
     that fragments all the same (another teacher, another allocation pattern). ``malloc_trim`` hands every
     free page back, and the next batches fault back in those they need: trimming after every second batch
     cost the tiny teacher 10-15 % of its throughput, and a bound alone can oscillate (trim, re-fault past the
-    bound, trim). The bound starts at the largest resident set of the first ``warmup`` batches, which holds
-    one batch's working set; memory still resident after a trim is live, so the bound follows it.
+    bound, trim). The bound starts at the largest resident set of the first ``warmup`` calls, which holds
+    one call's working set; memory still resident after a trim is live, so the bound follows it.
     """
 
     def __init__(self, slack: float = TRIM_SLACK, warmup: int = 4, cooldown: int = 16):
@@ -101,18 +103,18 @@ class HeapTrimmer:
         self.trims = 0
         self._trim = malloc_trim()
         self._bound = 0.0
-        self._batches = 0
+        self._calls = 0
         self._next_trim = 0
 
-    def after_batch(self) -> None:
+    def after_call(self) -> None:
         rss = resident_mb() if self._trim is not None else None
         if rss is None:
             return
-        self._batches += 1
-        if self._batches <= self.warmup:
+        self._calls += 1
+        if self._calls <= self.warmup:
             self._bound = max(self._bound, rss * (1 + self.slack))
-        elif rss > self._bound and self._batches >= self._next_trim:
+        elif rss > self._bound and self._calls >= self._next_trim:
             self._trim(0)
             self.trims += 1
-            self._next_trim = self._batches + self.cooldown
+            self._next_trim = self._calls + self.cooldown
             self._bound = max(self._bound, (resident_mb() or rss) * (1 + self.slack))

@@ -93,7 +93,7 @@ class TeacherActor:
             return pack_answers([answer for batch in batches for answer in ground_plain(self.teacher, batch)])
         finally:
             self.calls += 1
-            self.heap.after_batch()
+            self.heap.after_call()
             self.busy_s += time.perf_counter() - start
             self.samples += sum(len(batch) for batch in batches)
 

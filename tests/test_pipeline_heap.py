@@ -102,21 +102,21 @@ def test_heap_trimmer_trims_past_its_bound_and_not_again_within_its_cooldown():
     # resident set past the bound however much memory earlier tests left in this process.
     trimmer = HeapTrimmer(slack=0.02, warmup=1, cooldown=3)
     if not GLIBC:
-        trimmer.after_batch()
+        trimmer.after_call()
         assert trimmer.trims == 0
         return
     malloc_trim()(0)
-    trimmer.after_batch()                      # warm-up: sets the bound
-    trimmer.after_batch()
+    trimmer.after_call()                      # warm-up: sets the bound
+    trimmer.after_call()
     assert trimmer.trims == 0
     kept = fragment_heap(400)
     before = resident_mb()
-    trimmer.after_batch()
+    trimmer.after_call()
     assert trimmer.trims == 1
     assert resident_mb() < before - 200, (before, resident_mb())
     kept += fragment_heap(400)
-    trimmer.after_batch()                      # past the bound again, but within the cooldown
-    trimmer.after_batch()
+    trimmer.after_call()                      # past the bound again, but within the cooldown
+    trimmer.after_call()
     assert trimmer.trims == 1
-    trimmer.after_batch()                      # the cooldown is over
+    trimmer.after_call()                      # the cooldown is over
     assert trimmer.trims == 2 and len(kept) == 2 * 3200
