@@ -64,18 +64,24 @@ def local_cpus() -> int:
 
 @contextlib.contextmanager
 def ray_session(config: LabelJobConfig):
-    """Use the running Ray instance, connect to ``config.address``, or start a local one sized to this
-    machine; shut down only what this call started."""
+    """Use the running Ray instance, connect to ``config.address`` (else ``$RAY_ADDRESS``), or start a local
+    one sized to this machine; shut down only what this call started.
+
+    The local instance is asked for by name (``address="local"``): left to itself, ``ray.init()`` joins a
+    cluster that ``ray start`` left running on this machine, which the job did not ask for, and refuses the
+    ``num_cpus`` that sizes a local instance.
+    """
     import ray
 
     if ray.is_initialized():
         yield
         return
-    if config.address:
-        ray.init(address=config.address, logging_level="WARNING", log_to_driver=False)
+    address = config.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, logging_level="WARNING", log_to_driver=False)
     else:
-        ray.init(num_cpus=config.num_cpus or local_cpus(), include_dashboard=False, logging_level="WARNING",
-                 log_to_driver=False)
+        ray.init(address="local", num_cpus=config.num_cpus or local_cpus(), include_dashboard=False,
+                 logging_level="WARNING", log_to_driver=False)
     try:
         yield
     finally:

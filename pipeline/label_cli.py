@@ -54,7 +54,8 @@ def _add_label(subparsers) -> None:
     t.add_argument("--top-k", type=int, default=10, help="teacher boxes kept per phrase")
     t.add_argument("--max-caption-chars", type=int, default=1000, help="longer captions are rejected")
     r = p.add_argument_group("Ray")
-    r.add_argument("--address", help="Ray cluster: auto or ray://HOST:PORT (default: a local instance)")
+    r.add_argument("--address",
+                   help="Ray cluster: auto or ray://HOST:PORT (default: $RAY_ADDRESS, else a local instance)")
     r.add_argument("--num-cpus", type=int, help="CPUs of the local instance (default: this machine's)")
     r.add_argument("--workers", type=int, help="teacher actors (default: from the cluster's CPUs/GPUs)")
     r.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per teacher actor (0: CPU)")

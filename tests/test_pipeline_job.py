@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -15,7 +17,7 @@ import pytest
 from pipeline_fixtures import assert_exactly_once, make_world, teacher_spec
 
 from pipeline.cli import main as sga
-from pipeline.job import run_label_job
+from pipeline.job import run_label_job, size_workers
 from pipeline.plan import LabelJobConfig
 from shards import fs
 from shards.errors import SgaError
@@ -183,3 +185,38 @@ def test_refused_up_front_with_the_file_and_the_fix(tmp_path, teachers):
     assert "labelset.json" in message and "schema" in message
 
     assert sga(["label", "--images", str(world / "images"), "--cache", str(tmp_path)]) == 2
+
+
+def test_the_embedded_default_starts_its_own_local_ray_instance(tmp_path):
+    """``sga label`` as a user types it: no Ray running in its process and no address, so it starts (and
+    stops) a local instance of its own, and prints the summary the issue asks for as ``key  value`` lines."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    run = subprocess.run([sys.executable, "-m", "pipeline.cli", "label", "--cache", str(tmp_path / "cache"),
+                          "--world-samples", "24", "--num-cpus", "2"],
+                         env={**env, "SGA_PROGRESS": "0"}, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    summary = dict(line.split(None, 1) for line in run.stdout.splitlines() if len(line.split(None, 1)) == 2)
+    assert int(summary["samples"]) == 24 and int(summary["shards_done"]) == 1
+    assert int(summary["ok"]) + int(summary["errors"]) == 24 and int(summary["phrases"]) > 0
+    assert int(summary["positives"]) > 0 and float(summary["samples_per_s"]) > 0
+    assert 0 <= float(summary["precision"]) <= 1 and 0 <= float(summary["recall"]) <= 1
+    assert int(summary["teachers"]) == 1 and int(summary["shard_workers"]) == 1
+
+
+@pytest.mark.parametrize(("options", "cpus", "gpus", "pending", "expected"), [
+    ({}, 2, 0, 10, (1, 1)),                                           # this machine: one of each
+    ({}, 64, 0, 100, (56, 8)),                                        # ~one shard worker per 8 CPUs
+    ({}, 16, 0, 1, (14, 1)),                                          # never more workers than shards
+    ({"gpus_per_worker": 1}, 32, 4, 100, (4, 28)),                    # a teacher per GPU, spare CPUs feed
+    ({"gpus_per_worker": 0.5}, 32, 4, 100, (8, 24)),                  # two teachers share each GPU
+    ({"gpus_per_worker": 1, "workers": 2, "shard_workers": 3}, 32, 4, 100, (2, 3)),   # fixed by hand
+])
+def test_workers_are_sized_to_the_cluster(options, cpus, gpus, pending, expected):
+    config = LabelJobConfig(images="i", regions="r", out="o", **options)
+    sized = size_workers(config, cpus, gpus, pending)
+    assert (sized.teachers, sized.shard_workers) == expected
+
+
+def test_asking_for_gpus_on_a_cluster_without_them_is_refused():
+    with pytest.raises(SgaError, match="--gpus-per-worker 0"):
+        size_workers(LabelJobConfig(images="i", regions="r", out="o", gpus_per_worker=1), 8, 0, 4)
