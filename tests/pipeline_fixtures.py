@@ -12,6 +12,7 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 from PIL import Image
 
 from shards import fs
@@ -104,9 +105,9 @@ def truncate(path: Path, keep_fraction: float) -> None:
 
 
 def write_bad_input(root: Path, dim: int = 8) -> list[tuple[str, str, str | None]]:
-    """Shards ``00000`` (every kind of bad sample beside good ones), ``00001`` (a truncated image tar) and
-    ``00002`` (an unreadable shard), with matching region shards. Returns shard 00000's manifest as the job
-    must write it: ``(key, status, stage)`` in input order."""
+    """Shards ``00000`` (every kind of bad sample beside good ones), ``00001`` (a truncated image tar),
+    ``00002`` (an unreadable shard) and ``00003`` (a truncated region tar), with matching region shards.
+    Returns shard 00000's manifest as the job must write it: ``(key, status, stage)`` in input order."""
     images, regions = root / "images", root / "regions"
     good = jpeg(64, 48)
     cases = [
@@ -121,6 +122,9 @@ def write_bad_input(root: Path, dim: int = 8) -> list[tuple[str, str, str | None
         ("badutf8", "placeholder", good, "success", "rec", "error", "caption"),
         ("noregions", "a red square", good, "success", None, "error", "regions"),
         ("nanfeat", "a red square", good, "success", "nan", "error", "regions"),
+        ("inffeat", "a red square", good, "success", "inf", "error", "regions"),
+        ("dupregion", "a red square", good, "success", "twice", "error", "regions"),  # two region entries
+        ("nobytes", "a red square", good, "success", "rec", "error", "image"),    # jpg dropped below
         ("degenerate", "a red square", good, "success", "degenerate", "error", "regions"),
         ("outside", "a red square", good, "success", "outside", "error", "regions"),
         ("sizediff", "a red square", jpeg(32, 32), "success", "rec", "error", "regions"),
@@ -135,12 +139,14 @@ def write_bad_input(root: Path, dim: int = 8) -> list[tuple[str, str, str | None
             w.write(key, caption, data, meta, status, None if data is not None else "HTTP Error 404")
             boxes = {"degenerate": [[5, 5, 5, 20]], "outside": [[0, 0, 500, 40]]}.get(region)
             rec = region_record(key, boxes=boxes, dim=dim)
-            if region == "nan":
-                rec.features[1, 3] = np.nan
+            if region in ("nan", "inf"):
+                rec.features[1, 3] = np.nan if region == "nan" else -np.inf
             if region is not None:
-                region_members.append((key, raw_region_members(rec)))
-    # Undecodable caption bytes in the tar (the parquet row keeps its placeholder, as a broken writer might).
+                region_members += [(key, raw_region_members(rec))] * (2 if region == "twice" else 1)
+    # Undecodable caption bytes in the tar (the parquet row keeps its placeholder, as a broken writer might),
+    # and a success row whose image the tar lacks.
     replace_member(images / "00000.tar", "badutf8.txt", b"\xff\xfe a red \xc3 square")
+    replace_member(images / "00000.tar", "nobytes.jpg", None)
     with TarShardWriter(str(regions / "00000.tar")) as t:
         for key, members in region_members:
             t.write(key, members)
@@ -155,16 +161,25 @@ def write_bad_input(root: Path, dim: int = 8) -> list[tuple[str, str, str | None
     (images / "00002.tar").write_bytes(b"this is not a tar file at all" * 10)
     with RegionShardWriter(str(regions), "00002") as r:
         r.write(region_record("lost0", dim=dim))
+    # Shard 00003: 6 good samples, then the region tar is cut in half.
+    with ImageShardWriter(str(images), "00003") as w, RegionShardWriter(str(regions), "00003") as r:
+        for i in range(6):
+            key = f"cutregions{i}"
+            w.write(key, f"a blue circle number {i}", good, {"width": 64, "height": 48})
+            r.write(region_record(key, dim=dim))
+    truncate(regions / "00003.tar", 0.5)
     write_regions_info(str(regions), dim, 0, None, {"detector": "test"})
     return [(key, status, stage) for key, *_, status, stage in cases]
 
 
-def replace_member(tar_path: Path, name: str, data: bytes) -> None:
-    """Rewrite a tar with member ``name``'s bytes replaced."""
+def replace_member(tar_path: Path, name: str, data: bytes | None) -> None:
+    """Rewrite a tar with member ``name``'s bytes replaced, or the member left out when ``data`` is None."""
     with tarfile.open(tar_path) as tar:
         members = [(i.name, tar.extractfile(i).read()) for i in tar.getmembers()]
     with tarfile.open(tar_path, "w") as tar:
         for member, payload in members:
+            if member == name and data is None:
+                continue
             payload = data if member == name else payload
             info = tarfile.TarInfo(member)
             info.size = len(payload)
@@ -190,5 +205,24 @@ def assert_exactly_once(labelset: str, images: str) -> dict:
         labelled += [rec.key for rec in iter_label_shard(labelset, shard)]
     ok = sorted(r["key"] for r in rows if r["status"] == "ok")
     assert sorted(labelled) == ok, "label tars != ok rows of the manifest"
-    assert not [n for n in fs.list_dir(labelset) if ".tmp-" in n]
+    # The folder itself, not fs.list_dir (which never lists temp files): nothing half-written is left.
+    assert not [p.name for p in Path(labelset).iterdir() if fs.TMP_MARK in p.name], "temp files left"
     return {"ok": len(ok), "error": len(rows) - len(ok)}
+
+
+def assert_listed_files_whole(labelset: str) -> int:
+    """Every file a reader lists in ``labelset`` (``fs.list_dir``) reads to its end, whatever was killed
+    mid-write, and every shard marker comes after its label tar and manifest. Returns the markers."""
+    names = fs.list_dir(labelset)
+    markers = [n.removesuffix("_stats.json") for n in names if n.endswith("_stats.json")]
+    for shard in markers:
+        assert {f"{shard}.tar.gz", f"{shard}.parquet"} <= set(names), f"marker of {shard} before its files"
+        assert read_marker(labelset, shard) is not None
+    for name in names:
+        if name.endswith(".tar.gz"):
+            list(iter_label_shard(labelset, name.removesuffix(".tar.gz")))
+        elif name.endswith(".parquet"):
+            pq.read_table(os.path.join(labelset, name))
+        else:
+            json.loads(Path(labelset, name).read_text())
+    return len(markers)

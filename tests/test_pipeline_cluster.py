@@ -13,11 +13,10 @@ import time
 from pathlib import Path
 
 import pytest
-from pipeline_fixtures import assert_exactly_once, make_world, teacher_spec
+from pipeline_fixtures import assert_exactly_once, assert_listed_files_whole, make_world, teacher_spec
 
 from pipeline.job import run_label_job
 from pipeline.plan import LabelJobConfig
-from shards import fs
 from shards.manifest import read_marker
 
 SHARDS = 8
@@ -88,7 +87,7 @@ def test_killed_driver_then_lost_node_still_labels_everything_once(cluster, tmp_
     labelset = next(d for d in out.iterdir() if d.is_dir() and d.name != "_phrases")
     done = [s for s in (f"{i:05d}" for i in range(SHARDS)) if read_marker(str(labelset), s) is not None]
     assert done_at_kill <= len(done) < SHARDS
-    assert all(".tmp-" not in name for name in fs.list_dir(str(labelset)))    # readers never see partials
+    assert assert_listed_files_whole(str(labelset)) == len(done)      # readers never see partial files
 
     config = LabelJobConfig(images=str(world / "images"), regions=str(world / "regions"), out=str(out),
                             **options)

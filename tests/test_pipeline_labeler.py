@@ -50,7 +50,7 @@ def test_every_bad_input_becomes_one_error_row_and_the_shard_goes_on(tmp_path, t
     task = make_task(tmp_path / "images", tmp_path / "regions", tmp_path / "labels", teacher, extractor,
                      batch_size=4, max_inflight=1)
     client = LocalTeacherClient(teacher)
-    for shard in ("00000", "00001", "00002"):
+    for shard in ("00000", "00001", "00002", "00003"):
         progress: list[int] = []
         stats = label_shard(task, shard, extractor, client, on_progress=progress.append)
         assert stats["samples"] == stats["ok"] + stats["errors"] == sum(progress)
@@ -63,7 +63,9 @@ def test_every_bad_input_becomes_one_error_row_and_the_shard_goes_on(tmp_path, t
     assert all(r["n_regions"] == 3 for r in by_key.values())
     reasons = {r["key"]: r["reason"] for r in rows if r["status"] == "error"}
     assert "failed_to_download" in reasons["failed"] and "corrupt" in reasons["corrupt"]
-    assert "features" in reasons["nanfeat"] and "degenerate" in reasons["degenerate"]
+    assert "features" in reasons["nanfeat"] and "features" in reasons["inffeat"]
+    assert "repeated member" in reasons["dupregion"] and "missing" in reasons["nobytes"]
+    assert "degenerate" in reasons["degenerate"]
     assert "32x32" in reasons["sizediff"] and "duplicate" in reasons["good0"]
     labelled = list(iter_label_shard(task.labelset_uri, "00000"))
     assert [r.key for r in labelled] == ["good0", "nophrase", "good1"]
@@ -78,6 +80,10 @@ def test_every_bad_input_becomes_one_error_row_and_the_shard_goes_on(tmp_path, t
     assert all(r["stage"] == "read" for r in truncated if r["status"] == "error")
     unreadable = [r for r in read_manifest(task.labelset_uri).to_pylist() if r["shard"] == "00002"]
     assert [(r["key"], r["stage"]) for r in unreadable] == [("00002", "read")]
+    cut = [r for r in read_manifest(task.labelset_uri).to_pylist() if r["shard"] == "00003"]
+    assert [r["key"] for r in cut] == [f"cutregions{i}" for i in range(6)]
+    assert cut[0]["status"] == "ok" and cut[-1]["status"] == "error"
+    assert all(r["stage"] == "regions" and "damaged" in r["reason"] for r in cut if r["status"] == "error")
     # The helper's view of "every input once" agrees, shard by shard.
     assert_exactly_once(task.labelset_uri, str(tmp_path / "images"))
 
