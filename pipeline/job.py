@@ -109,6 +109,7 @@ def run_shards(plan: JobPlan, config: LabelJobConfig, actors: LabelActors) -> di
     inflight: dict[Any, tuple[str, int]] = {}
     load = [0] * len(workers)
     done_stats: list[dict] = []
+    finished = 0                       # samples of the shards done (the progress actor counts the others)
     failed: dict[str, str] = {}
     quiet = {} if config.show_progress else {"disable": True}
     shard_bar = progress(total=len(plan.pending), desc="shards", unit="shard", position=0, **quiet)
@@ -129,10 +130,12 @@ def run_shards(plan: JobPlan, config: LabelJobConfig, actors: LabelActors) -> di
                 load[i] -= 1
                 try:
                     done_stats.append(ray.get(ref))
+                    finished += done_stats[-1]["samples"]
                 except ray.exceptions.RayError as exc:
                     failed[shard] = _reason(exc)
                 shard_bar.update(1)
-            sample_bar.update(ray.get(counter.value.remote()) - sample_bar.n)
+            running = ray.get(counter.value.remote([shard for shard, _ in inflight.values()]))
+            sample_bar.update(finished + running - sample_bar.n)
         wall = time.perf_counter() - start
         after = ray.get([t.stats.remote() for t in teachers])
         worker_stats = ray.get([w.stats.remote() for w in workers])

@@ -9,7 +9,7 @@
   most ``max_inflight`` at a time. It runs ``SHARDS_IN_FLIGHT`` calls in threads, one reading and submitting
   at a time (``prep_lock``), so the next shard feeds the teachers while the last one drains and writes its
   files.
-- :class:`ProgressActor` counts finished samples for the driver's progress bar.
+- :class:`ProgressActor` counts each running shard's finished samples for the driver's progress bar.
 
 Both kinds of actors restart when their process or node dies (``max_restarts=-1``); a call in flight is
 retried on the restarted actor a few times (``max_task_retries``), so a killed worker or a lost node costs
@@ -178,9 +178,13 @@ class ShardActor:
         return True
 
     def label(self, task: ShardTask, shard: str) -> dict[str, Any]:
+        done = 0
+
         def report(n: int) -> None:
+            nonlocal done
+            done += n
             if self.progress is not None and n:
-                self.progress.add.remote(n)
+                self.progress.set.remote(shard, done)
 
         stats = label_shard(task, shard, self.extractor, self.client, on_progress=report,
                             prep_lock=self.prep_lock)
@@ -195,16 +199,21 @@ class ShardActor:
 
 
 class ProgressActor:
-    """A counter the shard actors add finished samples to; the driver polls it for the progress bar."""
+    """Samples finished so far in each shard being labelled, for the driver's progress bar.
+
+    A shard worker sets its shard's count rather than adding to a total: a shard redone after its worker died
+    starts again from zero, so its samples are never counted twice. The driver asks only about the shards it
+    is still waiting for and counts finished ones from their results.
+    """
 
     def __init__(self):
-        self.done = 0
+        self.done: dict[str, int] = {}
 
-    def add(self, n: int) -> None:
-        self.done += n
+    def set(self, shard: str, n: int) -> None:
+        self.done[shard] = n
 
-    def value(self) -> int:
-        return self.done
+    def value(self, shards: list[str]) -> int:
+        return sum(self.done.get(shard, 0) for shard in shards)
 
 
 @dataclass

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from pipeline_fixtures import run_fresh
 
-from pipeline.worker import pack_answers, unpack_answers
+from pipeline.worker import ProgressActor, pack_answers, unpack_answers
 
 
 def test_packed_answers_unpack_to_the_same_boxes_and_scores():
@@ -45,3 +45,12 @@ print(json.dumps({"frozen": gc.get_freeze_count(), "tracked": len(gc.get_objects
 """
     counts = run_fresh(code)
     assert counts["frozen"] > 50_000 and counts["tracked"] < counts["frozen"] / 10
+
+
+def test_progress_counts_a_redone_shard_once():
+    progress = ProgressActor()
+    progress.set("00000", 5)
+    progress.set("00001", 3)
+    progress.set("00000", 2)           # its worker died: the shard started again from its first sample
+    assert progress.value(["00000", "00001"]) == 5
+    assert progress.value(["00001", "00002"]) == 3
