@@ -260,6 +260,47 @@ def test_img2dataset_output_is_read_as_is(tmp_path, teacher, extractor):
                                                                                             "a table"]
 
 
+def test_real_img2dataset_output_is_labelled_as_is(tmp_path, teacher, extractor):
+    """img2dataset 1.47.0's own shard (tests/assets/img2dataset/README.md), read where it lies: every parquet
+    row gets one manifest row, the 404 an ``image`` error with img2dataset's message, the rest labels."""
+    import io
+    from pathlib import Path
+
+    import pyarrow.parquet as pq
+    from PIL import Image
+    from pipeline_fixtures import region_record
+
+    from pipeline.labeler import LocalTeacherClient, label_shard
+    from shards.images import iter_image_shard
+    from shards.regions import RegionShardWriter, write_regions_info
+
+    images = Path(__file__).parent / "assets" / "img2dataset"
+    rows = pq.read_table(images / "00000.parquet").to_pylist()
+    samples = {s.key: s for s in iter_image_shard(str(images), "00000")}
+    assert [r["key"] for r in rows] == list(samples) and len(rows) == 5
+    regions = tmp_path / "regions"
+    with RegionShardWriter(str(regions), "00000") as r:
+        for key, s in samples.items():
+            if s.jpg is not None:
+                w, h = Image.open(io.BytesIO(s.jpg)).size
+                boxes = [[0, 0, w / 2, h / 2], [w / 4, h / 4, w, h], [0, 0, w, h]]
+                r.write(region_record(key, w, h, boxes=boxes))
+    write_regions_info(str(regions), 8, 0, None, {"detector": "test"})
+
+    task = make_task(images, regions, tmp_path / "labels", teacher, extractor)
+    stats = label_shard(task, "00000", extractor, LocalTeacherClient(teacher))
+    out = read_manifest(task.labelset_uri).to_pylist()
+    assert [(r["key"], r["status"], r["stage"]) for r in out] == [
+        (row["key"], "ok" if row["status"] == "success" else "error", None if row["status"] == "success"
+         else "image") for row in rows]
+    assert "HTTP Error 404" in next(r["reason"] for r in out if r["status"] == "error")
+    labelled = {rec.key: rec for rec in iter_label_shard(task.labelset_uri, "00000")}
+    successes = [row for row in rows if row["status"] == "success"]
+    assert [rec.caption for rec in labelled.values()] == [row["caption"] for row in successes]
+    assert stats["ok"] == 4 and stats["phrases"] > 0
+    assert all(rec.num_regions == 3 for rec in labelled.values())
+
+
 def test_shards_labelled_in_two_threads_overlap_only_outside_the_prep_lock(tmp_path, teacher, extractor):
     """A worker's second shard call reads and submits while the first one drains (the teacher answering)
     and commits; spaCy never runs in two threads at once, and the labels are the serial run's bytes."""
