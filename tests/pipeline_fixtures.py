@@ -151,25 +151,25 @@ def write_bad_input(root: Path, dim: int = 8) -> list[tuple[str, str, str | None
         for key, members in region_members:
             t.write(key, members)
     # Shard 00001: 6 good samples, then the image tar is cut in half.
-    with ImageShardWriter(str(images), "00001") as w, RegionShardWriter(str(regions), "00001") as r:
-        for i in range(6):
-            key = f"trunc{i}"
-            w.write(key, f"a red square number {i}", good, {"width": 64, "height": 48})
-            r.write(region_record(key, dim=dim))
+    write_good_shard(images, regions, "00001", "trunc", dim)
     truncate(images / "00001.tar", 0.5)
     # Shard 00002: garbage where the image tar should be, and no parquet.
     (images / "00002.tar").write_bytes(b"this is not a tar file at all" * 10)
     with RegionShardWriter(str(regions), "00002") as r:
         r.write(region_record("lost0", dim=dim))
     # Shard 00003: 6 good samples, then the region tar is cut in half.
-    with ImageShardWriter(str(images), "00003") as w, RegionShardWriter(str(regions), "00003") as r:
-        for i in range(6):
-            key = f"cutregions{i}"
-            w.write(key, f"a blue circle number {i}", good, {"width": 64, "height": 48})
-            r.write(region_record(key, dim=dim))
+    write_good_shard(images, regions, "00003", "cutregions", dim)
     truncate(regions / "00003.tar", 0.5)
     write_regions_info(str(regions), dim, 0, None, {"detector": "test"})
     return [(key, status, stage) for key, *_, status, stage in cases]
+
+
+def write_good_shard(images: Path, regions: Path, shard: str, prefix: str, dim: int) -> None:
+    """Image and region shard ``shard`` of six good samples keyed ``{prefix}0`` to ``{prefix}5``."""
+    with ImageShardWriter(str(images), shard) as w, RegionShardWriter(str(regions), shard) as r:
+        for i in range(6):
+            w.write(f"{prefix}{i}", f"a red square number {i}", jpeg(64, 48), {"width": 64, "height": 48})
+            r.write(region_record(f"{prefix}{i}", dim=dim))
 
 
 def replace_member(tar_path: Path, name: str, data: bytes | None) -> None:
