@@ -304,6 +304,7 @@ def summarise(rounds: list[dict], beside_10n: dict, args) -> dict:
     ratio_10n = per_round(lambda r: r["job_10n"]["samples_per_s"] / r["alone_10n"]["samples_per_s"])
     rss_ratio = per_round(lambda r: actors(r["job_10n"]) / actors(r["job_n"]))
     last = rounds[-1]
+
     def teacher_ms(kind: str) -> float:
         """Median teacher ms per grounded sample: alone (its pass's seconds) or in the job (busy seconds)."""
         key = "seconds" if kind.startswith("alone") else "teacher_busy_s"
