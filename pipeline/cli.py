@@ -12,7 +12,7 @@ import json
 import sys
 from typing import Any
 
-from shards.errors import SgaError
+from shards.errors import JOB_FAILED_EXIT, JobFailed, SgaError
 
 # Order is the order of ``sga --help``: data flows from the world to the student.
 COMMAND_MODULES = (
@@ -57,17 +57,25 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if args.command is None else 2
     try:
         summary = handler(args)
+    except JobFailed as exc:
+        _print_summary(args, exc.summary)
+        print(f"sga {args.command}: failed: {exc}", file=sys.stderr)
+        return JOB_FAILED_EXIT
     except SgaError as exc:
         print(f"sga {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"sga {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    _print_summary(args, summary)
+    return 0
+
+
+def _print_summary(args: argparse.Namespace, summary: dict[str, Any]) -> None:
     if getattr(args, "json", False):
         print(json.dumps(summary, sort_keys=True, default=str))
     else:
         _print_human(summary)
-    return 0
 
 
 if __name__ == "__main__":

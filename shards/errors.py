@@ -30,3 +30,18 @@ class SampleError(SgaError):
         self.key = key
         self.stage = stage
         self.reason = reason
+
+
+class JobFailed(SgaError):
+    """A job ran to its end but its outcome is a failure (too many rejected samples, a shard lost whole).
+
+    Unlike a refusal (exit status 2, nothing done), what the job wrote is kept and its summary is printed;
+    the CLI then prints the message on stderr and exits with :data:`JOB_FAILED_EXIT` so schedulers notice.
+    """
+
+    def __init__(self, message: str, summary: dict):
+        super().__init__(message)
+        self.summary = summary
+
+
+JOB_FAILED_EXIT = 3
