@@ -1,9 +1,9 @@
 """MDETR re-implementation vs the official checkpoints' layout, and the checkpoint loaders.
 
-The reference lists (``shared/reference/*_state_dict.json`` beside the repository, or the folder named by
-``SGA_MDETR_REFERENCE``) were produced by instantiating the official hub entry points with random weights;
-each one must match ``build_mdetr(entry).state_dict()`` key for key, shape for shape, in order. They
-are research material kept outside the package, so the suite reads them where they live.
+The reference lists (``tests/assets/mdetr_reference/*_state_dict.json``: ``[key, shape]`` pairs, plus the
+per-entry counts in ``mdetr_hub_entries_summary.json``) were produced by instantiating the official hub entry
+points with random weights; each one must match ``build_mdetr(entry).state_dict()`` key for key, shape for
+shape, in order.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import pathlib
 
 import pytest
@@ -29,15 +28,14 @@ from teacher.mdetr.checkpoint import (
 
 torch.set_num_threads(1)
 
-REFERENCE = pathlib.Path(os.environ.get(
-    "SGA_MDETR_REFERENCE", pathlib.Path(__file__).resolve().parents[2] / "shared" / "reference"))
+REFERENCE = pathlib.Path(__file__).resolve().parent / "assets" / "mdetr_reference"
 REFERENCE_FILES = sorted(REFERENCE.glob("mdetr_*_state_dict.json"))
 STALE_KEY = "transformer.text_encoder.embeddings.position_ids"
 
 
 def test_reference_files_present():
     # Guards the parametrisation below against silently running zero cases.
-    assert REFERENCE.is_dir(), f"MDETR reference layouts not found at {REFERENCE}; set SGA_MDETR_REFERENCE"
+    assert REFERENCE.is_dir(), f"MDETR reference layouts not found at {REFERENCE}"
     assert {p.name for p in REFERENCE_FILES} >= {
         "mdetr_resnet101_state_dict.json", "mdetr_resnet101_refcocoplus_state_dict.json",
         "mdetr_efficientnetB3_state_dict.json", "mdetr_efficientnetB5_state_dict.json"}
