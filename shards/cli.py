@@ -22,6 +22,12 @@ Inputs:
 Outputs under --out: NNNNN.tar per image shard (KEY.boxes.npy float32 [R,4] pixel xyxy, KEY.features.npy
 float16 [R,D], KEY.cls_prob.npy float16 [R,C] when the source has it, KEY.json), NNNNN_missing.json
 (samples with no or unusable regions), and regions.json, written last. Formats: shards/FORMAT.md.
+
+Errors: a truncated or corrupt image shard is imported up to the damage, which NNNNN_missing.json and the
+summary record (shard, last whole key, reason with the byte offset). Exit status 2: refused, nothing
+written (bad arguments, or no source id matches the first image shard's keys). Exit status 3: the import
+ran but failed (errors / inputs above --max-error-rate, where errors are rejected samples plus damaged
+shards, or a shard yielded no sample); the summary with the top error reasons is printed.
 """
 
 
@@ -30,7 +36,8 @@ def _run_import(args: argparse.Namespace) -> dict:
 
     fields = tuple(f.strip() for f in args.fields.split(",")) if args.fields else None
     return import_regions(ImportConfig(fmt=args.format, src=args.src, images=args.images, out=args.out,
-                                       fields=fields, tmp_dir=args.tmp_dir))
+                                       fields=fields, tmp_dir=args.tmp_dir,
+                                       max_error_rate=args.max_error_rate))
 
 
 def register(subparsers) -> None:
@@ -47,3 +54,7 @@ def register(subparsers) -> None:
     parser.add_argument("--fields", help="comma-separated TSV column names for a headerless file in "
                                          "another layout (must include image_id, num_boxes, boxes, features)")
     parser.add_argument("--tmp-dir", help="local directory for staging TSV records (default: system temp)")
+    # The default is shards.importers.DEFAULT_MAX_ERROR_RATE, not imported here: `sga --help` stays fast.
+    parser.add_argument("--max-error-rate", type=float, default=0.1,
+                        help="fail (exit 3) when errors / inputs exceeds this fraction "
+                             "(default: %(default)s)")

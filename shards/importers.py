@@ -18,6 +18,12 @@ aspect ratio at another size, and rejected when the aspect ratio differs (a crop
 For every image shard one region shard of the same name is written with the successful image samples that
 have regions, in image order, plus ``NNNNN_missing.json`` listing the samples without regions (``missing``)
 and those whose regions were unusable (``rejected``, with reasons). ``regions.json`` is written last.
+
+A damaged image shard does not stop the import: every sample read before the damage is imported and the
+damage (shard, last whole key, reason with the byte offset) goes to ``damage`` in its ``NNNNN_missing.json``
+and the summary. Errors are rejected samples plus damaged shards; when errors / inputs exceeds
+``max_error_rate``, or a shard yielded no sample at all, the import raises :class:`JobFailed` after writing.
+A source none of whose ids match the first image shard with successes is refused before anything is written.
 """
 
 from __future__ import annotations
@@ -25,8 +31,10 @@ from __future__ import annotations
 import base64
 import csv
 import io
+import json
 import posixpath
 import tempfile
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,11 +43,11 @@ from typing import Any
 import numpy as np
 
 from . import fs
-from .errors import SampleError, SgaError
-from .images import SUCCESS, iter_image_shard, list_shards, read_image_rows
+from .errors import JobFailed, SampleError, SgaError, ShardReadError
+from .images import SUCCESS, list_shards, read_image_rows, shard_uris
 from .progress import progress
 from .regions import RegionRecord, RegionShardWriter, decode_regions, encode_regions, write_regions_info
-from .tario import KEY_RE, TarSample
+from .tario import KEY_RE, TarSample, iter_tar
 
 FORMATS = ("butd-tsv", "npz")
 BUTD_FIELDS = ("image_id", "image_w", "image_h", "num_boxes", "boxes", "features")
@@ -50,12 +58,15 @@ _ALIASES = {"img_id": "image_id", "img_w": "image_w", "img_h": "image_h", "bbox"
 _FLOAT16_MAX = float(np.finfo(np.float16).max)
 _ASPECT_TOLERANCE = 0.01
 _EXAMPLES = 10
+_TOP_REASONS = 5
+DEFAULT_MAX_ERROR_RATE = 0.1
 
 
 @dataclass
 class ImportConfig:
     """``sga regions import`` settings: ``fmt`` is one of :data:`FORMATS`; ``fields`` names the TSV
-    columns of a headerless file in another layout; ``tmp_dir`` holds the TSV staging area."""
+    columns of a headerless file in another layout; ``tmp_dir`` holds the TSV staging area;
+    ``max_error_rate`` is the largest errors / inputs fraction of a successful import."""
 
     fmt: str
     src: str
@@ -63,6 +74,7 @@ class ImportConfig:
     out: str
     fields: tuple[str, ...] | None = None
     tmp_dir: str | None = None
+    max_error_rate: float = DEFAULT_MAX_ERROR_RATE
 
 
 @dataclass
@@ -74,21 +86,48 @@ class _Target:
     height: int | None
 
 
-def _image_targets(images_uri: str) -> dict[str, list[_Target]]:
-    """Shard name -> its successful image samples in order (from the parquet, else the tar's KEY.json)."""
+def _image_targets(images_uri: str) -> tuple[dict[str, list[_Target]], dict[str, dict[str, Any]]]:
+    """Shard name -> its successful image samples in order (from the parquet, else the tar's KEY.json),
+    and shard name -> its damage (``shard``, ``samples_read``, ``after_key``, ``reason``) for shards that
+    could not be read to their end; the samples before the damage are kept."""
     shards = list_shards(images_uri)
     if not shards:
         raise SgaError(f"no image shards (*.tar) under {images_uri}; point --images at img2dataset output")
     targets: dict[str, list[_Target]] = {}
+    damage: dict[str, dict[str, Any]] = {}
     for shard in progress(shards, desc="index images", unit="shard"):
-        rows = read_image_rows(images_uri, shard)
-        if rows is None:
-            rows = [{**s.meta, "key": s.key, "status": s.status} for s in iter_image_shard(images_uri, shard)]
+        rows: list[dict[str, Any]] = []
+        problems: list[str] = []
+        try:
+            rows = read_image_rows(images_uri, shard) or []
+        except ShardReadError as exc:
+            problems.append(str(exc))  # a broken parquet: the tar's KEY.json files still give the samples
+        if not rows:
+            try:
+                _read_tar_rows(shard_uris(images_uri, shard)["tar"], rows)
+            except ShardReadError as exc:
+                problems.append(str(exc))
+        if problems:
+            last = str(rows[-1]["key"]) if rows else None
+            damage[shard] = {"shard": shard, "samples_read": len(rows), "after_key": last,
+                             "reason": "; ".join(problems)}
         targets[shard] = [
             _Target(str(r["key"]), shard, _url_stem(r.get("url")), _positive_int(r.get("width")),
                     _positive_int(r.get("height")))
             for r in rows if r.get("status") == SUCCESS]
-    return targets
+    return targets, damage
+
+
+def _read_tar_rows(tar_uri: str, rows: list[dict[str, Any]]) -> None:
+    """Append one metadata row per tar sample (its KEY.json, with ``key``) to ``rows`` as it is read, so
+    the rows before a :class:`ShardReadError` survive it."""
+    for sample in iter_tar(tar_uri):
+        try:
+            meta = json.loads(sample.members["json"]) if "json" in sample.members else {}
+        except (ValueError, UnicodeDecodeError):
+            meta = {}
+        meta = meta if isinstance(meta, dict) else {}
+        rows.append({**meta, "key": sample.key, "status": meta.get("status") or SUCCESS})
 
 
 def _url_stem(url: Any) -> str | None:
@@ -240,8 +279,9 @@ class _Collector:
             self.unmatched.append(source_id)
 
 
-def _stage_tsv(config: ImportConfig, matcher: _Matcher, staging: Path, found: _Collector) -> None:
-    """Decode every TSV row and stage its region members as ``staging/KEY.EXT`` files."""
+def _stage_tsv(config: ImportConfig, matcher: _Matcher, staging: Path, found: _Collector) -> set[str]:
+    """Decode every TSV row and stage its region members as ``staging/KEY.EXT`` files; returns the keys
+    staged."""
     staged: set[str] = set()
     for row in progress(_tsv_rows(config.src, config.fields), desc="read TSV", unit="row"):
         if "_bad" in row:
@@ -263,6 +303,7 @@ def _stage_tsv(config: ImportConfig, matcher: _Matcher, staging: Path, found: _C
             for ext, data in encode_regions(rec).items():
                 (staging / f"{rec.key}.{ext}").write_bytes(data)
             staged.add(rec.key)
+    return staged
 
 
 def _staged_record(staging: Path, key: str) -> RegionRecord | None:
@@ -272,20 +313,66 @@ def _staged_record(staging: Path, key: str) -> RegionRecord | None:
     return decode_regions(TarSample(key, {ext: p.read_bytes() for ext, p in paths.items()}))
 
 
+def _check_overlap(config: ImportConfig, targets: dict[str, list[_Target]], matched: set[str],
+                   damage: dict[str, dict[str, Any]], unmatched: list[str]) -> None:
+    """Refuse a source that matches no sample of the first image shard with successes (another dataset,
+    another key scheme) before anything is written."""
+    first = next((shard for shard, ts in targets.items() if ts), None)
+    if first is None:
+        if damage:
+            return  # every shard is damaged: the import runs, records the damage and fails
+        raise SgaError(f"no image shard under {config.images} has a successful sample; point --images at "
+                       "img2dataset output with downloaded images")
+    if not any(t.key in matched for t in targets[first]):
+        raise SgaError(f"no region id in --src {config.src} matches an image of shard {first} in --images "
+                       f"{config.images} (source ids such as {unmatched[:3]}, image keys such as "
+                       f"{[t.key for t in targets[first][:3]]}); ids must equal sample keys or url base "
+                       "names: check that --src and --images describe the same images")
+
+
+def _outcome(config: ImportConfig, summary: dict[str, Any], reasons: Counter) -> None:
+    """Raise :class:`JobFailed` when a shard yielded no sample, the error rate exceeds the limit or nothing
+    was imported; adds ``errors``, ``error_rate`` and ``top_reasons`` to ``summary``."""
+    failed = summary["failed_shards"]
+    inputs = summary["images"] + len(failed)
+    summary["errors"] = summary["rejected"] + summary["damaged_shards"]
+    summary["error_rate"] = summary["errors"] / max(inputs, 1)
+    summary["max_error_rate"] = config.max_error_rate
+    summary["top_reasons"] = [{"reason": r, "count": n} for r, n in reasons.most_common(_TOP_REASONS)]
+    top = "; ".join(f"{n} x {r}" for r, n in reasons.most_common(_TOP_REASONS))
+    if failed:
+        raise JobFailed(f"image shard(s) {failed[:_EXAMPLES]} of {config.images} yielded no sample; "
+                        f"repair or re-download them and rerun. Top reasons: {top}", summary)
+    if summary["error_rate"] > config.max_error_rate:
+        raise JobFailed(f"{summary['errors']} errors in {inputs} inputs (rate {summary['error_rate']:.3g} > "
+                        f"--max-error-rate {config.max_error_rate}); NNNNN_missing.json under {config.out} "
+                        f"lists them. Top reasons: {top}", summary)
+    if not summary["written"]:
+        raise JobFailed(f"no sample of {config.images} was imported from {config.src}", summary)
+
+
 def import_regions(config: ImportConfig) -> dict[str, Any]:
-    """Run an import; returns the summary printed by ``sga regions import``."""
+    """Run an import; returns the summary printed by ``sga regions import``.
+
+    Raises :class:`SgaError` (nothing written) on unusable arguments or a source that matches no image of
+    the first shard, and :class:`JobFailed` (with the summary) when the import ran but failed; see the
+    module docstring.
+    """
     if config.fmt not in FORMATS:
         raise SgaError(f"unknown region format {config.fmt!r}; use one of {', '.join(FORMATS)}")
+    if not 0 <= config.max_error_rate <= 1:
+        raise SgaError(f"--max-error-rate {config.max_error_rate} is not a fraction; pass a value in [0, 1]")
     if not fs.exists(config.src):
         raise SgaError(f"region source {config.src} does not exist")
-    targets = _image_targets(config.images)
+    targets, damage = _image_targets(config.images)
     matcher = _Matcher(targets)
     found = _Collector()
     npz_names: dict[str, str] = {}
+    reasons: Counter = Counter(d["reason"] for d in damage.values())
     with tempfile.TemporaryDirectory(prefix="sga-regions-", dir=config.tmp_dir) as tmp:
         staging = Path(tmp)
         if config.fmt == "butd-tsv":
-            _stage_tsv(config, matcher, staging, found)
+            matched = _stage_tsv(config, matcher, staging, found) | set(found.rejected)
         else:
             for name in fs.list_dir(config.src, ".npz"):
                 target = matcher(name[: -len(".npz")])
@@ -295,6 +382,8 @@ def import_regions(config: ImportConfig) -> dict[str, Any]:
                     found.duplicates += 1
                 else:
                     npz_names[target.key] = name
+            matched = set(npz_names)
+        _check_overlap(config, targets, matched, damage, found.unmatched)
         totals = {"written": 0, "missing": 0, "rejected": 0}
         missing_examples: list[str] = []
         for shard, shard_targets in progress(targets.items(), desc="write regions", unit="shard"):
@@ -314,22 +403,26 @@ def import_regions(config: ImportConfig) -> dict[str, Any]:
                         writer.write(rec)
                     elif target.key in found.rejected:
                         rejected.append({"key": target.key, "reason": found.rejected[target.key]})
+                        reasons[found.rejected[target.key]] += 1
                     else:
                         missing.append(target.key)
-            fs.write_json(fs.join(config.out, f"{shard}_missing.json"), {
-                "shard": shard, "expected": len(shard_targets), "written": writer.count,
-                "missing": missing, "rejected": rejected})
+            report = {"shard": shard, "expected": len(shard_targets), "written": writer.count,
+                      "missing": missing, "rejected": rejected}
+            if shard in damage:
+                report["damage"] = damage[shard]
+            fs.write_json(fs.join(config.out, f"{shard}_missing.json"), report)
             totals["written"] += writer.count
             totals["missing"] += len(missing)
             totals["rejected"] += len(rejected)
             missing_examples.extend(missing[: _EXAMPLES - len(missing_examples)])
-    if not totals["written"]:
-        raise SgaError(f"no region entry in {config.src} matched an image of {config.images} "
-                       f"(unmatched ids such as {found.unmatched[:3]}); ids must equal sample keys or url "
-                       "base names. The empty region shards and NNNNN_missing.json list what is missing")
-    write_regions_info(config.out, found.feature_dim or 0, found.num_classes, None,
-                       {"format": config.fmt, "src": config.src, "images": config.images})
-    return {"out": config.out, "shards": len(targets), "images": sum(len(t) for t in targets.values()),
-            **totals, "unmatched": found.num_unmatched, "duplicates": found.duplicates,
-            "bad_rows": found.bad_rows, "feature_dim": found.feature_dim, "num_classes": found.num_classes,
-            "missing_examples": missing_examples, "unmatched_examples": found.unmatched}
+    if totals["written"]:
+        write_regions_info(config.out, found.feature_dim or 0, found.num_classes, None,
+                           {"format": config.fmt, "src": config.src, "images": config.images})
+    summary = {"out": config.out, "shards": len(targets), "images": sum(len(t) for t in targets.values()),
+               **totals, "unmatched": found.num_unmatched, "duplicates": found.duplicates,
+               "bad_rows": found.bad_rows, "feature_dim": found.feature_dim, "num_classes": found.num_classes,
+               "missing_examples": missing_examples, "unmatched_examples": found.unmatched,
+               "damaged_shards": len(damage), "damage": list(damage.values())[:_EXAMPLES],
+               "failed_shards": [shard for shard, d in damage.items() if not d["samples_read"]]}
+    _outcome(config, summary, reasons)
+    return summary

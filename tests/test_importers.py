@@ -7,12 +7,14 @@ import random
 
 import numpy as np
 import pytest
+from pipeline_fixtures import truncate, write_good_shard
 
 from shards import fs
-from shards.errors import SgaError
+from shards.errors import JobFailed, SgaError, ShardReadError
 from shards.images import ImageShardWriter
 from shards.importers import ImportConfig, import_regions
 from shards.regions import iter_region_shard, read_regions_info
+from shards.tario import iter_tar
 
 D = 12
 
@@ -148,7 +150,7 @@ def test_unusable_rows_are_rejected_with_reasons(tmp_path):
              _butd_line("000000003", *_regions(3, d=D + 1)),              # another feature width
              "000000000\t1\t2\n"]                                         # malformed row
     (tmp_path / "f.tsv").write_text("".join(lines))
-    summary = _run(tmp_path, "butd-tsv", tmp_path / "f.tsv")
+    summary = _run(tmp_path, "butd-tsv", tmp_path / "f.tsv", max_error_rate=1.0)
     assert (summary["written"], summary["rejected"], summary["bad_rows"]) == (1, 3, 1)
     reasons = {r["key"]: r["reason"] for r in _missing(tmp_path, "00000")["rejected"]}
     assert "aspect ratio" in reasons["000000001"]
@@ -189,7 +191,7 @@ def test_npz_import(tmp_path):
     np.savez(src / "000010000.npz", boxes=np.array([_Boom(marker)], dtype=object), features=feats)
     np.savez(src / "000010001.npz", boxes=boxes, features=feats, cls_prob=cls_prob[:, :4])  # wrong C
     np.savez(src / "stray.npz", boxes=boxes, features=feats)
-    summary = _run(tmp_path, "npz", src)
+    summary = _run(tmp_path, "npz", src, max_error_rate=0.5)     # 2 of 4 rejected: at the limit, not above
     assert not os.path.exists(marker)
     assert {k: summary[k] for k in ("written", "missing", "rejected", "unmatched", "feature_dim",
                                     "num_classes")} == {
@@ -221,7 +223,7 @@ def test_cli_prints_one_json_summary_and_fails_cleanly(tmp_path, capsys, monkeyp
     args[args.index("--src") + 1] = str(tmp_path / "none.tsv")
     assert main(args) == 2
     out = capsys.readouterr()
-    assert out.out == "" and "no region entry" in out.err
+    assert out.out == "" and "matches an image" in out.err
     with pytest.raises(SystemExit):
         main(["regions", "import", "--help"])
     assert "butd-tsv" in capsys.readouterr().out
@@ -235,3 +237,120 @@ def test_missing_inputs_name_the_problem(tmp_path):
         _run(tmp_path, "npz", tmp_path / "empty")
     with pytest.raises(SgaError, match="unknown region format"):
         _run(tmp_path, "hdf5", tmp_path / "empty")
+
+
+def _good_shards(tmp_path, shards):
+    """``write_good_shard`` image shards (six 64x48 samples keyed ``{prefix}0..5``) and one .npz per key."""
+    src = tmp_path / "npz"
+    src.mkdir()
+    for shard, prefix in shards.items():
+        write_good_shard(tmp_path / "images", tmp_path / "fixture-regions", shard, prefix, D)
+        for i in range(6):
+            boxes, feats = _regions(i, w=64, h=48)
+            np.savez(src / f"{prefix}{i}.npz", boxes=boxes, features=feats)
+    return src
+
+
+def _readable_keys(tar_path):
+    keys = []
+    try:
+        for sample in iter_tar(str(tar_path)):
+            keys.append(sample.key)
+    except ShardReadError:
+        pass
+    return keys
+
+
+def test_truncated_image_shard_keeps_every_readable_sample(tmp_path):
+    src = _good_shards(tmp_path, {"00000": "trunc", "00001": "good"})
+    images = tmp_path / "images"
+    (images / "00000.parquet").unlink()         # the keys come from the tar alone, cut in half below
+    truncate(images / "00000.tar", 0.5)
+    readable = _readable_keys(images / "00000.tar")
+    assert 0 < len(readable) < 6
+
+    summary = _run(tmp_path, "npz", src, max_error_rate=0.5)
+    out = str(tmp_path / "regions")
+    assert [r.key for r in iter_region_shard(out, "00000")] == readable
+    assert len(list(iter_region_shard(out, "00001"))) == 6
+    damage = _missing(tmp_path, "00000")["damage"]
+    assert (damage["shard"], damage["samples_read"], damage["after_key"]) == ("00000", len(readable),
+                                                                               readable[-1])
+    assert "00000.tar" in damage["reason"] and "at byte" in damage["reason"]
+    assert "damage" not in _missing(tmp_path, "00001")
+    assert (summary["written"], summary["damaged_shards"], summary["failed_shards"]) == (
+        len(readable) + 6, 1, [])
+    assert summary["damage"] == [damage] and summary["errors"] == 1
+    assert summary["top_reasons"] == [{"reason": damage["reason"], "count": 1}]
+    assert read_regions_info(out)["feature_dim"] == D
+    assert summary["error_rate"] == 1 / (len(readable) + 6)
+    # Below that rate the same import fails (status 3) and still writes what it read.
+    with pytest.raises(JobFailed, match=r"rate 0\.\d+ > --max-error-rate 0\.05") as failed:
+        _run(tmp_path, "npz", src, max_error_rate=0.05)
+    assert failed.value.summary["written"] == len(readable) + 6
+
+
+def test_unreadable_parquet_falls_back_to_the_tar(tmp_path):
+    src = _good_shards(tmp_path, {"00000": "good"})
+    (tmp_path / "images" / "00000.parquet").write_bytes(b"not a parquet file")
+    summary = _run(tmp_path, "npz", src, max_error_rate=1.0)
+    assert summary["written"] == 6 and summary["failed_shards"] == []
+    damage = _missing(tmp_path, "00000")["damage"]
+    assert (damage["samples_read"], damage["after_key"]) == (6, "good5")
+    assert "unreadable parquet" in damage["reason"]
+
+
+def test_shard_lost_whole_fails_with_status_3(tmp_path, capsys, monkeypatch):
+    from pipeline.cli import main
+
+    monkeypatch.setenv("SGA_PROGRESS", "0")
+    src = _good_shards(tmp_path, {"00000": "good"})
+    (tmp_path / "images" / "00001.tar").write_bytes(b"this is not a tar file at all" * 10)
+    args = ["regions", "import", "--format", "npz", "--src", str(src), "--images", str(tmp_path / "images"),
+            "--out", str(tmp_path / "regions"), "--max-error-rate", "1", "--json"]
+    assert main(args) == 3
+    out = capsys.readouterr()
+    summary = json.loads(out.out)
+    assert summary["failed_shards"] == ["00001"] and summary["written"] == 6
+    assert "00001" in out.err and "yielded no sample" in out.err
+    assert len(list(iter_region_shard(str(tmp_path / "regions"), "00000"))) == 6   # the rest is kept
+
+
+def test_all_rejected_import_fails_with_top_reasons(tmp_path, capsys, monkeypatch):
+    from pipeline.cli import main
+
+    monkeypatch.setenv("SGA_PROGRESS", "0")
+    _images(str(tmp_path / "images"), shards=1, per_shard=4)
+    boxes, feats = _regions(0)
+    lines = [_butd_line(f"00000000{i}", boxes, feats * 1e6) for i in range(3)]       # beyond float16
+    lines.append(_butd_line("000000003", boxes, feats, w=300, h=300))               # another aspect ratio
+    (tmp_path / "f.tsv").write_text("".join(lines))
+    args = ["regions", "import", "--format", "butd-tsv", "--src", str(tmp_path / "f.tsv"),
+            "--images", str(tmp_path / "images"), "--out", str(tmp_path / "regions"), "--json"]
+    assert main(args) == 3
+    out = capsys.readouterr()
+    summary = json.loads(out.out)
+    assert (summary["written"], summary["rejected"], summary["errors"]) == (0, 4, 4)
+    assert summary["error_rate"] == 1.0
+    assert [t["count"] for t in summary["top_reasons"]] == [3, 1]
+    assert summary["top_reasons"][0]["reason"] == "features exceed the float16 range"
+    assert "aspect ratio" in summary["top_reasons"][1]["reason"]
+    assert "failed: 4 errors in 4 inputs" in out.err and "3 x features exceed the float16 range" in out.err
+    assert len(_missing(tmp_path, "00000")["rejected"]) == 4
+
+
+def test_disjoint_keys_are_refused_before_writing(tmp_path, capsys, monkeypatch):
+    from pipeline.cli import main
+
+    monkeypatch.setenv("SGA_PROGRESS", "0")
+    _images(str(tmp_path / "images"), shards=2, per_shard=2)
+    src = tmp_path / "npz"
+    src.mkdir()
+    for name in ("COCO_val2014_000000000042", "COCO_val2014_000000000073"):
+        np.savez(src / f"{name}.npz", boxes=_regions(0)[0], features=_regions(0)[1])
+    args = ["regions", "import", "--format", "npz", "--src", str(src), "--images", str(tmp_path / "images"),
+            "--out", str(tmp_path / "regions")]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"--src {src}" in err and f"--images {tmp_path / 'images'}" in err and "COCO_val2014" in err
+    assert not (tmp_path / "regions").exists()
