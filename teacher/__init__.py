@@ -11,7 +11,15 @@ from .base import (
     register_teacher,
     registered_teachers,
 )
-from .mdetr import build_mdetr
 
 __all__ = ["GroundingInput", "PhraseBoxes", "Teacher", "build_mdetr", "load_teacher", "register_teacher",
            "registered_teachers"]
+
+
+def __getattr__(name: str):
+    # build_mdetr pulls in torch and transformers (~4 s): imported on first use, so `sga --help` stays fast.
+    if name == "build_mdetr":
+        from .mdetr import build_mdetr
+
+        return build_mdetr
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

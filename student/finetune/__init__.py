@@ -5,10 +5,22 @@
 and the input encoding; :mod:`.model` restores a pretrained encoder and adds the head.
 """
 
-from .base import Task, TaskDefaults, build_task, register_task, task_names
-from .data import InputEncoder, RegionStore
-from .engine import FinetuneConfig, evaluate, finetune, subset
-from .model import FinetuneModel, load_encoder
+import importlib
 
-__all__ = ["FinetuneConfig", "FinetuneModel", "InputEncoder", "RegionStore", "Task", "TaskDefaults",
-           "build_task", "evaluate", "finetune", "load_encoder", "register_task", "subset", "task_names"]
+# Name -> submodule. The submodules import torch: they load on first use, so `sga --help` (which imports
+# this package's cli module) stays fast.
+_EXPORTS = {
+    "Task": "base", "TaskDefaults": "base", "build_task": "base", "register_task": "base",
+    "task_names": "base",
+    "InputEncoder": "data", "RegionStore": "data",
+    "FinetuneConfig": "engine", "evaluate": "engine", "finetune": "engine", "subset": "engine",
+    "FinetuneModel": "model", "load_encoder": "model",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
