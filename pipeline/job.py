@@ -22,7 +22,7 @@ from shards.images import shard_uris
 from shards.progress import progress
 
 from . import teacher_id
-from .labelsets import marker_totals
+from .labelsets import JOB_NAME, marker_totals, top_errors
 from .plan import JobPlan, LabelJobConfig, check_job, clean_partial, plan_job
 from .worker import SHARDS_IN_FLIGHT, LabelActors, TeacherSpec, await_teachers, await_workers, launch
 
@@ -171,13 +171,15 @@ def _reason(exc: BaseException) -> str:
 def summarise(plan: JobPlan, run: dict[str, Any], start: float) -> dict[str, Any]:
     """The job's summary: the whole label set's totals (skipped shards included) and this run's metrics."""
     totals = marker_totals(plan.task.labelset_uri, plan.shards)
+    rate = totals["errors"] / totals["samples"] if totals["samples"] else 0.0
     return {
         "labels": plan.task.labelset_uri, "labelset_id": plan.task.info.labelset_id,
         "teacher": plan.teacher_name, "teacher_fingerprint": plan.task.info.teacher_fingerprint,
         "shards": len(plan.shards), "shards_done": totals["shards_done"],
         "shards_skipped": len(plan.shards) - len(plan.pending),
         **{k: totals[k] for k in ("samples", "ok", "errors", "grounded", "phrases", "positives")},
-        "error_stages": totals["error_stages"],
+        "error_rate": rate, "error_stages": totals["error_stages"],
+        "top_errors": top_errors(plan.task.labelset_uri) if totals["errors"] else [],
         "label_bytes_per_sample": totals["label_bytes"] / max(totals["ok"], 1),
         **{k: totals[k] for k in ("precision", "recall") if k in totals},
         **run,
@@ -198,7 +200,7 @@ def run_label_job(config: LabelJobConfig) -> dict[str, Any]:
     plan = plan_job(config, checked, known["name"], known["fingerprint"]) if known else None
     idle = {"shards_labeled": 0, "shards_failed": {}, "samples_labeled": 0}
     if plan is not None and not plan.pending:
-        return summarise(plan, idle, start)
+        return check_outcome(plan, config, summarise(plan, idle, start))
     with ray_session(config):
         import ray
 
@@ -218,4 +220,25 @@ def run_label_job(config: LabelJobConfig) -> dict[str, Any]:
         finally:
             actors.kill()
         clean_partial(plan.task)
-    return summarise(plan, run, start)
+    return check_outcome(plan, config, summarise(plan, run, start))
+
+
+def check_outcome(plan: JobPlan, config: LabelJobConfig, summary: dict[str, Any]) -> dict[str, Any]:
+    """Record lost shards in ``job.json`` (so ``sga labels ls`` says failed) and raise :class:`JobFailed`
+    when a shard was lost whole or the label set's error rate exceeds ``config.max_error_rate``."""
+    from shards.errors import JobFailed
+
+    job_uri = fs.join(plan.task.labelset_uri, JOB_NAME)
+    failed = summary.get("shards_failed") or {}
+    fs.write_json(job_uri, {**fs.read_json(job_uri), "shards_failed": failed})
+    if failed:
+        shard, reason = next(iter(failed.items()))
+        raise JobFailed(f"{len(failed)} shard(s) failed whole (e.g. {shard}: {reason}); fix the cause and "
+                        "rerun to retry them", summary)
+    if summary["error_rate"] > config.max_error_rate:
+        top = summary["top_errors"][0]
+        raise JobFailed(f"{summary['errors']} of {summary['samples']} samples rejected (error rate "
+                        f"{summary['error_rate']:.2f} > --max-error-rate {config.max_error_rate}); "
+                        f"commonest: {top['stage']}: {top['reason']} ({top['count']}); see top_errors in the "
+                        f"summary and the manifests under {plan.task.labelset_uri}", summary)
+    return summary

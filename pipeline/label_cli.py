@@ -52,6 +52,10 @@ def _add_label(subparsers) -> None:
                    help="a teacher box counts for the alignment matrix at or above this score")
     t.add_argument("--iou-threshold", type=float, default=0.5, help="region-box IoU for a positive")
     t.add_argument("--top-k", type=int, default=10, help="teacher boxes kept per phrase")
+    t.add_argument("--max-error-rate", type=float, default=0.5,
+                   help="fail the job (exit 3) when more than this fraction of the label set's samples "
+                        "is rejected: real data loses a few percent, half lost means wrong inputs "
+                        "(default: %(default)s)")
     t.add_argument("--max-caption-chars", type=int, default=1000, help="longer captions are rejected")
     r = p.add_argument_group("Ray")
     r.add_argument("--address",
@@ -91,7 +95,7 @@ def _label(args: argparse.Namespace) -> dict:
         shard_workers=args.shard_workers, cpus_per_shard_worker=args.cpus_per_shard_worker,
         batch_size=args.batch_size, max_inflight=args.max_inflight, batches_per_call=args.batches_per_call,
         decode=args.decode, score_floor=args.score_floor, score_threshold=args.score_threshold,
-        iou_threshold=args.iou_threshold, top_k=args.top_k,
+        iou_threshold=args.iou_threshold, top_k=args.top_k, max_error_rate=args.max_error_rate,
         device=args.device, validation=ValidationConfig(max_caption_chars=args.max_caption_chars),
         show_progress=not args.json,
     )
@@ -121,13 +125,17 @@ def _labels_ls(args: argparse.Namespace) -> dict:
     rows = [describe(uri) for uri in list_labelsets(args.uri)]
     if not args.json:
         header = f"{'labelset':<13} {'teacher':<14} {'created':<26} {'shards':>9} {'samples':>8} " \
-                 f"{'errors':>7} {'phrases':>8} {'positives':>9}"
+                 f"{'ok':>8} {'errors':>7} {'err%':>6} {'score':>5} {'iou':>4} {'phrases':>8} " \
+                 f"{'positives':>9}"
         print(header)
         for r in rows:
             print(f"{r['labelset_id']:<13} {r['teacher'][:14]:<14} {r['created_at']:<26} "
-                  f"{r['shards_done']:>4}/{r['shards']:<4} {r['samples']:>8} {r['errors']:>7} "
-                  f"{r['phrases']:>8} {r['positives']:>9}{'' if r['complete'] else '  (incomplete)'}")
+                  f"{r['shards_done']:>4}/{r['shards']:<4} {r['samples']:>8} {r['ok']:>8} "
+                  f"{r['errors']:>7} {100 * r['error_rate']:>5.1f}% {r['score_threshold']:>5.2f} "
+                  f"{r['iou_threshold']:>4.2f} {r['phrases']:>8} {r['positives']:>9}"
+                  f"{'' if r['complete'] else '  (' + r['status'] + ')'}")
     return {"uri": args.uri, "labelsets": len(rows), "complete": sum(r["complete"] for r in rows),
+            "failed": sum(r["failed"] for r in rows),
             **({"rows": rows} if args.json else {})}
 
 

@@ -87,6 +87,26 @@ def marker_totals(labelset_uri: str, shards: list[str]) -> dict[str, Any]:
     return totals
 
 
+def top_errors(labelset_uri: str, n: int = 5) -> list[dict[str, Any]]:
+    """The ``n`` commonest ``{"stage", "reason", "count"}`` among the manifest's error rows."""
+    from collections import Counter
+
+    from shards.manifest import ERROR, read_manifest
+
+    table = read_manifest(labelset_uri)
+    counts = Counter((r["stage"], r["reason"]) for r in
+                     table.select(["status", "stage", "reason"]).to_pylist() if r["status"] == ERROR)
+    return [{"stage": stage, "reason": reason, "count": count}
+            for (stage, reason), count in counts.most_common(n)]
+
+
+def outcome(totals: dict[str, Any], max_error_rate: float | None,
+            shards_failed: int = 0) -> tuple[float, bool]:
+    """``(error_rate, failed)``: failed when a shard was lost whole or errors/samples exceeds the limit."""
+    rate = totals["errors"] / totals["samples"] if totals["samples"] else 0.0
+    return rate, bool(shards_failed) or (max_error_rate is not None and rate > max_error_rate)
+
+
 def planned_shards(labelset_uri: str) -> list[str]:
     """Shards of the last run's plan, else those that have a marker or manifest."""
     job = read_job(labelset_uri)
@@ -102,13 +122,19 @@ def describe(labelset_uri: str) -> dict[str, Any]:
     shards = planned_shards(labelset_uri)
     totals = marker_totals(labelset_uri, shards)
     job = read_job(labelset_uri) or {}
+    limit = (job.get("config") or {}).get("max_error_rate")
+    failed_shards = len(job.get("shards_failed") or {})
+    rate, failed = outcome(totals, limit, failed_shards)
+    complete = bool(shards) and totals["shards_done"] == len(shards) and not failed
     return {
         "labelset_id": info.labelset_id, "uri": labelset_uri, "teacher": info.teacher_name,
         "teacher_fingerprint": info.teacher_fingerprint, "extractor": info.extractor,
         "created_at": info.created_at, "score_threshold": info.score_threshold,
         "iou_threshold": info.iou_threshold, "images": job.get("images"),
         "shards": len(shards), "shards_done": totals["shards_done"],
-        "complete": bool(shards) and totals["shards_done"] == len(shards),
+        "complete": complete, "failed": failed, "error_rate": rate, "max_error_rate": limit,
+        "shards_failed": failed_shards,
+        "status": "failed" if failed else "complete" if complete else "incomplete",
         **{k: totals[k] for k in ("samples", "ok", "errors", "phrases", "positives")},
     }
 

@@ -10,11 +10,12 @@ already finished and a new teacher labels into a new folder beside the old one.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import asdict, dataclass, field
 
 from shards import fs
-from shards.errors import SgaError
-from shards.images import list_shards
+from shards.errors import SgaError, ShardReadError
+from shards.images import list_image_keys, list_shards
 from shards.labels import (
     INFO_NAME,
     SCHEMA_VERSION,
@@ -24,6 +25,7 @@ from shards.labels import (
 )
 from shards.manifest import read_marker
 from shards.regions import read_regions_info
+from shards.tario import iter_tar
 
 from .labeler import DECODE, ShardTask
 from .labelsets import JOB_NAME, read_job
@@ -56,6 +58,7 @@ class LabelJobConfig:
     score_threshold: float = 0.1          # best F1 of the tiny teacher's M on a held-out world
     iou_threshold: float = 0.5
     top_k: int = 10
+    max_error_rate: float = 0.5           # errors/samples of the whole label set above this fail the job
     device: str | None = None             # default: "cuda" with GPUs per worker, else "cpu"
     show_progress: bool = True            # progress bars on stderr (off under --json)
     phrases: PhraseConfig = field(default_factory=PhraseConfig)
@@ -160,9 +163,28 @@ class CheckedInputs:
     extractor: str
 
 
+def check_keys_overlap(images: str, regions: str, shard: str) -> None:
+    """Refuse region shards from another world: same shard names, but no key of ``shard`` in common (every
+    sample would be rejected)."""
+    region_uri = fs.join(regions, f"{shard}.tar")
+    image_keys, region_keys = set(), set()
+    # A damaged shard is the labeler's to report sample by sample: compare the keys read before the damage.
+    with contextlib.suppress(ShardReadError):
+        image_keys.update(list_image_keys(images, shard))
+    with contextlib.suppress(ShardReadError):
+        region_keys.update(s.key for s in iter_tar(region_uri))
+    if image_keys and region_keys and not image_keys & region_keys:
+        raise SgaError(f"no sample key of {fs.join(images, shard + '.tar')} is in {region_uri} (e.g. "
+                       f"{min(image_keys)!r} vs {min(region_keys)!r}): the regions were computed for other "
+                       "images; pass the --regions made from these --images")
+
+
 def check_job(config: LabelJobConfig) -> CheckedInputs:
     """Every up-front refusal, before Ray or the teacher is started."""
     shards, regions_info = check_inputs(config.images, config.regions)
+    check_keys_overlap(config.images, config.regions, shards[0])
+    if not 0 <= config.max_error_rate <= 1:
+        raise SgaError(f"--max-error-rate {config.max_error_rate}: pass a fraction in [0, 1]")
     if config.gt is not None and not fs.is_dir(config.gt):
         raise SgaError(f"{config.gt} is not a folder; --gt takes the world's gt/ folder (GT/NNNNN.parquet)")
     check_output(config.out)
